@@ -1,0 +1,33 @@
+"""``batchnorm`` command line: each subcommand lives with the code it drives."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module:function taking argv, one-line help)
+COMMANDS = {
+    "demo": ("batchnorm.demo:main", "the main job: BN vs no BN on real data, with plots"),
+    "bench": ("batchnorm.bench:main", "benchmark suite: ours vs torch eager vs torch.compile"),
+    "experiment": ("batchnorm.experiments.cli:main", "run a classic BN experiment"),
+    "doctor": ("batchnorm.tools.cli:doctor_main", "find BatchNorm bugs in a saved model"),
+    "fold": ("batchnorm.tools.cli:fold_main", "fold BatchNorm into conv/linear layers"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="batchnorm", description=__doc__)
+    parser.add_argument("command", choices=sorted(COMMANDS),
+                        help="; ".join(f"{name}: {text}" for name, (_, text) in COMMANDS.items()))
+    parser.add_argument("args", nargs=argparse.REMAINDER)
+    parsed = parser.parse_args(argv[:1])
+    target, _ = COMMANDS[parsed.command]
+    module_name, function_name = target.split(":")
+    function = getattr(importlib.import_module(module_name), function_name)
+    return int(function(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

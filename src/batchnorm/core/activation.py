@@ -1,0 +1,36 @@
+"""The optional activation fused after the affine step: ``y = act(x_hat * gamma + beta)``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ACTIVATIONS = ("identity", "relu", "leaky_relu", "elu", "silu")
+_DEFAULT_PARAM = {"identity": 0.0, "relu": 0.0, "leaky_relu": 0.01, "elu": 1.0, "silu": 0.0}
+
+
+@dataclass(frozen=True)
+class Activation:
+    """An activation by name; ``param`` is leaky_relu's negative slope or elu's alpha."""
+
+    name: str = "identity"
+    param: float = 0.0
+
+    @property
+    def is_identity(self) -> bool:
+        return self.name == "identity"
+
+
+IDENTITY = Activation()
+
+
+def make_activation(name: str | None, param: float | None = None) -> Activation:
+    """Validate a user-facing activation name and parameter."""
+    name = "identity" if name is None else name
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS} or None, got {name!r}")
+    if param is None:
+        param = _DEFAULT_PARAM[name]
+    elif name not in ("leaky_relu", "elu"):
+        raise ValueError(f"activation_param is only used by leaky_relu and elu, got {param!r} "
+                         f"for activation {name!r}")
+    return Activation(name, float(param))

