@@ -109,8 +109,15 @@ def group_norm(input: Tensor, num_groups: int, weight: Tensor | None = None,
         raise RuntimeError("Expected number of channels in input to be divisible by "
                            f"num_groups, but got input of shape {list(input.shape)} and "
                            f"num_groups={num_groups}")
+    group_batch = [input.shape[0] * channels // num_groups, num_groups, *input.shape[2:]]
+    if math.prod(group_batch) // num_groups == 1:
+        raise ValueError("Expected more than 1 value per channel when training, got input "
+                         f"size {group_batch}")
     for name, tensor in (("weight", weight), ("bias", bias)):
-        _check_per_channel(name, tensor, channels)
+        if tensor is not None and (tensor.dim() != 1 or tensor.numel() != channels):
+            raise RuntimeError(f"Expected {name} to be a vector of size equal to the number "
+                               f"of channels in input, but got {name} of shape "
+                               f"{list(tensor.shape)} and input of shape {list(input.shape)}")
     _check_eps(eps, training=False)
     view = group_view(input, num_groups)
     spec = NormSpec(view.reduce_dims, view.param_shape, eps)
@@ -126,7 +133,7 @@ def layer_norm(input: Tensor, normalized_shape: Sequence[int] | int,
     if ndim == 0 or input.dim() < ndim or tuple(input.shape[input.dim() - ndim:]) != shape:
         raise RuntimeError(f"Given normalized_shape={list(shape)}, expected input with shape "
                            f"[*, {', '.join(map(str, shape))}], but got input of size"
-                           f"{input.size()}")
+                           f"{list(input.shape)}")
     for name, tensor in (("weight", weight), ("bias", bias)):
         if tensor is not None and tuple(tensor.shape) != shape:
             raise RuntimeError(f"Expected {name} to be of same shape as normalized_shape, "
