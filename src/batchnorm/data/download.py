@@ -78,8 +78,9 @@ def _fetch(url: str, destination: Path, md5: str, timeout: float) -> None:
                 if bar is not None:
                     bar.close()
         if total is not None and received != total:
-            raise DataFileError(url, "truncated download", f"{total} bytes", f"{received} bytes")
-        verify_md5(temporary, md5, source=url)
+            raise DataFileError(destination.name, "truncated download", f"{total} bytes",
+                                f"{received} bytes")
+        verify_md5(temporary, md5, source=destination.name)
         os.replace(temporary, destination)
     finally:
         temporary.unlink(missing_ok=True)
