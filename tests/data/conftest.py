@@ -92,16 +92,14 @@ def server() -> Iterator[LocalServer]:
 
 @pytest.fixture
 def mnist_data_dir() -> Path:
-    """Directory holding ``mnist/`` with at least the real MNIST test files.
+    """Directory holding ``mnist/`` with at least the official MNIST test files (.gz).
 
     ``$BATCHNORM_DATA``, else ``../shared/data`` next to the repository. Absent: skip
     with the reason, unless ``BATCHNORM_REQUIRE_DATA=1`` (CI), where it fails.
     """
     data_dir = default_data_dir(default=REPO_ROOT.parent / "shared" / "data")
-    names = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-    missing = [name for name in names
-               if not any((data_dir / "mnist" / f"{name}{suffix}").is_file()
-                          for suffix in (".gz", ""))]
+    names = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+    missing = [name for name in names if not (data_dir / "mnist" / name).is_file()]
     if missing:
         reason = (f"REAL MNIST DATA MISSING: {', '.join(missing)} not under {data_dir / 'mnist'}"
                   " (set BATCHNORM_DATA to the folder holding mnist/)")
