@@ -66,6 +66,14 @@ def test_test_files_alone_split_first_8000_train_last_2000_validation(tmp_path, 
     assert_matches(split.val_x, split.val_y, images[8000:], labels[8000:])
 
 
+def test_data_dir_may_point_straight_at_the_files(tmp_path, write_idx):
+    images, labels = synthetic(10_000, 2, seed=13)
+    write_part(tmp_path, "test", images, labels, write_idx)
+    split = load_split("mnist", data_dir=tmp_path)
+    assert (split.name, split.source) == ("mnist-test-split", str(tmp_path))
+    assert_matches(split.val_x, split.val_y, images[8000:], labels[8000:])
+
+
 def test_too_few_test_images_for_the_split_is_an_error(tmp_path, write_idx):
     write_part(tmp_path / "mnist", "test", *synthetic(8000, 2, seed=3), write_idx)
     with pytest.raises(DataFileError, match="too few test images"):
