@@ -1,7 +1,8 @@
-"""Shared test configuration: where the real MNIST files live.
+"""Shared fixtures: where the real MNIST files live.
 
-Tests marked ``mnist`` read ``$BATCHNORM_DATA/mnist`` (default ``../shared/data`` beside the
-repository). Without it they skip with a loud reason, except under CI
+Tests that read MNIST take the ``mnist_data_dir`` fixture: ``$BATCHNORM_DATA`` (default
+``../shared/data`` beside the repository) must hold ``mnist/`` with the official test
+files. Without them the tests skip with a loud reason, except under CI
 (``BATCHNORM_REQUIRE_DATA=1``), where a missing data set is a failure.
 """
 
@@ -12,15 +13,21 @@ from pathlib import Path
 
 import pytest
 
+from batchnorm.data import default_data_dir
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session")
-def data_root() -> Path:
-    root = Path(os.environ.get("BATCHNORM_DATA", REPO_ROOT.parent / "shared" / "data"))
-    if not (root / "mnist").is_dir():
-        reason = f"MNIST not found under {root / 'mnist'}: set BATCHNORM_DATA"
+@pytest.fixture
+def mnist_data_dir() -> Path:
+    """Directory holding ``mnist/`` with at least the official MNIST test files (.gz)."""
+    data_dir = default_data_dir(default=REPO_ROOT.parent / "shared" / "data")
+    names = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+    missing = [name for name in names if not (data_dir / "mnist" / name).is_file()]
+    if missing:
+        reason = (f"REAL MNIST DATA MISSING: {', '.join(missing)} not under {data_dir / 'mnist'}"
+                  " (set BATCHNORM_DATA to the folder holding mnist/)")
         if os.environ.get("BATCHNORM_REQUIRE_DATA") == "1":
             pytest.fail(reason)
-        pytest.skip(f"SKIPPED LOUDLY: {reason}")
-    return root
+        pytest.skip(reason)
+    return data_dir
