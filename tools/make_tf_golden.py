@@ -28,7 +28,8 @@ STEPS = 3
 LR = 0.1
 OUT = os.path.join(os.path.dirname(__file__), "..", "tests", "keras", "golden.npz")
 
-# name -> (input shape, layer kwargs, adjustment or None)
+# name -> (input shape, layer kwargs[, input scale]); "adjustment": True gets a fixed
+# per-channel (scale, bias) pair, recorded in the file
 CASES = {
     "dense": ((10, 5), {}),
     "dense_momentum": ((10, 5), {"momentum": 0.9, "epsilon": 1e-2}),
@@ -55,8 +56,9 @@ CASES = {
     "no_center_no_scale": ((10, 5), {"center": False, "scale": False}),
     "no_scale_fused": ((4, 3, 5, 6), {"scale": False}),
     "not_trainable": ((4, 3, 5, 6), {"trainable": False}),
-    "tiny_eps_fused": ((4, 6, 3, 5), {"axis": 1, "epsilon": 1e-7}),
-    "tiny_eps_unfused": ((10, 5), {"epsilon": 1e-7}),
+    # variance ~1e-4, so epsilon 1e-7 vs 1.001e-5 changes the output by ~5%
+    "tiny_eps_fused": ((4, 6, 3, 5), {"axis": 1, "epsilon": 1e-7}, 0.01),
+    "tiny_eps_unfused": ((10, 5), {"epsilon": 1e-7}, 0.01),
 }
 
 
@@ -64,7 +66,7 @@ def channels_of(shape, kwargs):
     return shape[kwargs.get("axis", -1)]
 
 
-def case_arrays(name, shape, kwargs, rng):
+def case_arrays(name, shape, kwargs, rng, input_scale=1.0):
     channels = channels_of(shape, kwargs)
     arrays = {}
     init = {
@@ -93,8 +95,8 @@ def case_arrays(name, shape, kwargs, rng):
     axis = kwargs.get("axis", -1)
     bshape = [1] * len(shape)
     bshape[axis] = channels
-    offset = rng.normal(0.0, 2.0, channels).reshape(bshape)
-    spread = rng.uniform(0.5, 3.0, channels).reshape(bshape)
+    offset = rng.normal(0.0, 2.0, channels).reshape(bshape) * input_scale
+    spread = rng.uniform(0.5, 3.0, channels).reshape(bshape) * input_scale
 
     def draw():
         return (rng.normal(size=shape) * spread + offset).astype(np.float32)
@@ -160,8 +162,8 @@ def main() -> int:
     rng = np.random.default_rng(20260)
     arrays = {"versions": np.array(json.dumps({"tensorflow": tf.__version__,
                                                "tf_keras": tf_keras.__version__}))}
-    for name, (shape, kwargs) in CASES.items():
-        arrays.update(case_arrays(name, shape, kwargs, rng))
+    for name, (shape, kwargs, *input_scale) in CASES.items():
+        arrays.update(case_arrays(name, shape, kwargs, rng, *input_scale))
     arrays.update(tf_nn_arrays(rng))
     np.savez_compressed(OUT, **arrays)
     print(f"wrote {len(arrays)} arrays for {len(CASES)} cases to {os.path.normpath(OUT)}")
