@@ -44,6 +44,8 @@ CASES = {
     "renorm_clipped_nhwc": ((6, 3, 4, 5), {"renorm": True, "momentum": 0.9,
                                            "renorm_momentum": 0.7, "renorm_clipping":
                                            {"rmin": 0.9, "rmax": 1.1, "dmax": 0.05}}),
+    # sqrt(epsilon) = 2 exceeds the initial renorm_stddev: r and d use the floor
+    "renorm_large_eps": ((12, 5), {"renorm": True, "epsilon": 4.0, "renorm_momentum": 0.5}),
     "virtual_2d": ((12, 5), {"virtual_batch_size": 3, "momentum": 0.9}),
     "virtual_nhwc": ((8, 3, 4, 5), {"virtual_batch_size": 4}),
     "virtual_nchw": ((8, 5, 3, 4), {"axis": 1, "virtual_batch_size": 2}),
