@@ -237,7 +237,8 @@ def test_adjustment_is_applied_in_training_only():
     ({"renorm": True, "renorm_clipping": {"rmax": 3, "dmin": 1}},
      r"renorm_clipping keys must be among \('rmax', 'rmin', 'dmax'\), got \['dmin'\]"),
     ({"fused": True, "renorm": True}, r"fused=True cannot be used with renorm"),
-    ({"fused": True, "axis": 2}, r"fused=True cannot be used with axis .*got axis=2"),
+    ({"fused": True, "axis": 2},
+     r"fused=True cannot be used with axis: .* axis 1 or 3 \(4D\).*, got axis=2"),
     ({"gamma_regularizer": "l3"}, r"gamma_regularizer must be None, a callable or one of "
                                   r"\['l1', 'l1_l2', 'l2'\], got 'l3'"),
     ({"beta_constraint": "max_norm"}, r"beta_constraint must be None, a callable or one of "
@@ -295,3 +296,10 @@ def test_nan_input_raises_and_leaves_moving_statistics_unchanged():
 def test_fused_training_needs_two_values_per_channel():
     with pytest.raises(ValueError, match=r"more than 1 value per channel .* \[1, 3, 1, 1\]"):
         BatchNormalization(axis=1)(torch.randn(1, 3, 1, 1), training=True)
+
+
+def test_build_twice_is_an_error_rather_than_new_weights():
+    layer = BatchNormalization()
+    layer.build((4, 3))
+    with pytest.raises(RuntimeError, match="already built"):
+        layer.build((4, 3))

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from batchnorm.core.autograd import normalize
 from batchnorm.core.layout import View, channel_view
@@ -48,8 +49,8 @@ def strided_ghost_view(view: View, batch: int, virtual_batch_size: int) -> View:
 
 def _check_number(name: str, value: float, low: float, high: float, *,
                   low_open: bool = False) -> None:
-    ok = (low < value if low_open else low <= value) and value <= high
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok:
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not is_number or not ((low < value if low_open else low <= value) and value <= high):
         interval = f"{'(' if low_open else '['}{low}, {high}]"
         raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
 
@@ -112,9 +113,9 @@ class BatchNormalization(nn.Module):
             ("adjustment", adjustment is not None),
             ("axis", axis not in (-4, -3, -1, 1, 3, 4))) if given]
         if fused and fused_blockers:
-            raise ValueError(f"fused=True cannot be used with {', '.join(fused_blockers)} "
-                             f"(axis must be 1 or 3 for 4D input, 1 or 4 for 5D; got "
-                             f"axis={axis})")
+            raise ValueError(f"fused=True cannot be used with {', '.join(fused_blockers)}: "
+                             "it needs no renorm, virtual_batch_size or adjustment and axis "
+                             f"1 or 3 (4D) / 1 or 4 (5D), got axis={axis}")
         self.axis, self.momentum, self.epsilon = axis, float(momentum), float(epsilon)
         self.center, self.scale = bool(center), bool(scale)
         self.initializers = {"gamma": gamma_initializer, "beta": beta_initializer,
@@ -138,6 +139,8 @@ class BatchNormalization(nn.Module):
     def build(self, input_shape: Sequence[int], dtype: torch.dtype = torch.float32,
               device: torch.device | str | None = None) -> None:
         """Create the weights for inputs of ``input_shape`` (Keras's ``build``)."""
+        if self.built:
+            raise RuntimeError("build(): the layer is already built; its weights exist")
         rank = len(input_shape)
         if not -rank <= self.axis < rank:
             raise ValueError(f"axis must be in [{-rank}, {rank - 1}] for a {rank}D input, "
@@ -242,7 +245,7 @@ class BatchNormalization(nn.Module):
             if param is not None and project is not None:
                 param.copy_(project(param))
 
-    def constrain_after(self, optimizer: torch.optim.Optimizer) -> object:
+    def constrain_after(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
         """Apply the constraints after every ``optimizer.step()``; returns the hook handle."""
         return optimizer.register_step_post_hook(lambda *_: self.apply_constraints())
 
