@@ -303,3 +303,24 @@ def test_build_twice_is_an_error_rather_than_new_weights():
     layer.build((4, 3))
     with pytest.raises(RuntimeError, match="already built"):
         layer.build((4, 3))
+
+
+def test_empty_batch_is_an_error_in_training_and_fine_in_inference():
+    layer = BatchNormalization()
+    layer.build((0, 3))
+    assert layer(torch.zeros(0, 3), training=False).shape == (0, 3)
+    with pytest.raises(ValueError, match=r"non-empty batch, got input shape \[0, 3\]"):
+        layer(torch.zeros(0, 3), training=True)
+
+
+def test_float64_4d_input_takes_the_unfused_path_like_a_float64_keras_layer():
+    """TF cannot fuse float64, so the biased variance is stored."""
+    x = _randn(4, 3, 2, 5)
+    layer = BatchNormalization(momentum=0.0)
+    layer(x, training=True)
+    assert layer.fused is False
+    torch.testing.assert_close(layer.moving_variance, x.var((0, 1, 2), unbiased=False),
+                               rtol=1e-10, atol=0)
+    with pytest.raises(ValueError, match=r"fused=True needs a 4D or 5D float16/bfloat16/"
+                                         r"float32 input, got 4D torch\.float64"):
+        BatchNormalization(fused=True)(x, training=True)

@@ -273,6 +273,8 @@ class BatchNormalization(nn.Module):
 
     def _train(self, x: Tensor) -> Tensor:
         batch = x.shape[0]
+        if x.numel() == 0:
+            raise ValueError(f"training needs a non-empty batch, got input shape {list(x.shape)}")
         view = channel_view(x, self._axis)
         if self.virtual_batch_size is not None:
             if batch % self.virtual_batch_size:
