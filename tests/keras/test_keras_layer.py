@@ -324,3 +324,22 @@ def test_float64_4d_input_takes_the_unfused_path_like_a_float64_keras_layer():
     with pytest.raises(ValueError, match=r"fused=True needs a 4D or 5D float16/bfloat16/"
                                          r"float32 input, got 4D torch\.float64"):
         BatchNormalization(fused=True)(x, training=True)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {},
+    {"axis": 1, "virtual_batch_size": 2},
+    {"renorm": True, "virtual_batch_size": 3,
+     "renorm_clipping": {"rmin": 1.5, "rmax": 1.5, "dmax": 0.0}},
+    {"axis": 1, "adjustment": lambda shape: (torch.full((shape[1], 1), 1.5, dtype=torch.float64),
+                                             torch.full((shape[1], 1), 0.2, dtype=torch.float64))},
+])
+def test_training_backward_passes_float64_gradcheck_for_input_gamma_beta(kwargs):
+    """r and d carry no gradient (as in TF), so the renorm case clips them to constants
+    (r = 1.5, d = 0) for the finite differences to agree."""
+    layer = BatchNormalization(gamma_initializer=1.3, beta_initializer=0.1, **kwargs)
+    x = (_randn(6, 3, 4) * 2 + 1).requires_grad_()
+    layer.build(x.shape, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x, g, b: torch.func.functional_call(
+        layer, {"gamma": g, "beta": b}, (x,), {"training": True}),
+        (x, layer.gamma, layer.beta), eps=1e-6, atol=1e-6)
