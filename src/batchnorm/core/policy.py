@@ -98,7 +98,8 @@ def update_running_stats(running_mean: Tensor | None, running_var: Tensor | None
     each are averaged first: the mean of the group means and the mean of their unbiased
     variances. Groups of different sizes (``count`` per group) are pooled:
     ``sum(n_g * mean_g) / sum(n_g)`` and ``sum(n_g * var_g) / sum(n_g - 1)``.
-    Non-finite statistics raise instead of poisoning the buffers."""
+    Non-finite statistics, or values a float16 buffer cannot hold, raise instead of
+    poisoning the buffers."""
     channels = (running_mean if running_mean is not None else running_var).numel()
     mean, var = mean.reshape(-1, channels), var.reshape(-1, channels)
     if isinstance(count, int):
@@ -111,10 +112,17 @@ def update_running_stats(running_mean: Tensor | None, running_var: Tensor | None
     if not (torch.isfinite(mean).all() and torch.isfinite(var).all()):
         raise ValueError("input contains NaN or infinity: batch statistics are not finite, "
                          "so the running statistics were left unchanged")
-    if running_mean is not None:
-        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-    if running_var is not None:
-        running_var.lerp_(var.to(running_var.dtype), momentum)
+    updates = [(name, running, torch.lerp(running.to(batch.dtype), batch, momentum))
+               for name, running, batch in (("running_mean", running_mean, mean),
+                                            ("running_var", running_var, var))
+               if running is not None]
+    for name, running, updated in updates:
+        if not torch.isfinite(updated.to(running.dtype)).all():
+            raise ValueError(f"{name} overflows its {running.dtype} buffer (new values up to "
+                             f"{updated.abs().max().item():.4g}); keep the layer's buffers in "
+                             "float32, e.g. with torch.autocast instead of .half()")
+    for _, running, updated in updates:
+        running.copy_(updated)
 
 
 def _as_stat(running: Tensor, spec: NormSpec) -> Tensor:
