@@ -14,7 +14,12 @@ common offset never enters the sums. Results depend on the shape only, never on 
 number of threads.
 
 Activations (codes of ``ACTIVATION_CODES``) are applied as ``act(z)`` in the forward;
-the backward recomputes ``z`` from x and multiplies by ``act'(z)``.
+the backward recomputes ``z`` from x and multiplies by ``act'(z)``. Identity, relu and
+leaky_relu share one branch-free piecewise-linear loop (``param`` is then the negative
+slope: 1, 0 or the leaky slope), which vectorizes; elu and silu call ``exp`` per value.
+Reductions run over 1-D row views with scalar float32 accumulators: with ``reassoc``
+LLVM vectorizes them (indexing the 2-D array directly, or a chunk bound of ``min(...)``,
+keeps the loop scalar and 3-5x slower).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import numpy as np
 from numba import njit, prange
 
 ACTIVATION_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "elu": 3, "silu": 4}
+PIECEWISE_LINEAR = 2  # codes up to this one are max(z, 0) + slope * min(z, 0)
 _FAST = {"reassoc", "contract", "nsz"}  # lets LLVM vectorize reductions; keeps NaN
 _CHUNK_ROWS = 64  # rows summed in float32 before a float64 flush (columns, rows layouts)
 _CHUNK_LENGTH = 4096  # segment values summed in float32 before a float64 flush
@@ -34,35 +40,21 @@ _JIT = {"parallel": True, "cache": True, "fastmath": _FAST}
 
 @njit(inline="always", fastmath=_FAST, cache=True)
 def _act(z, code, param):
-    if code == 1:
-        return np.float32(0.0) if z < 0 else z  # NaN stays NaN
-    if code == 2:
-        return z if z > 0 else z * param
+    if code <= PIECEWISE_LINEAR:
+        return z if z > 0 else z * param  # NaN stays NaN
     if code == 3:
         return z if z > 0 else math.expm1(z) * param
-    if code == 4:
-        return z / (np.float32(1.0) + math.exp(-z))
-    return z
+    return z / (np.float32(1.0) + math.exp(-z))
 
 
 @njit(inline="always", fastmath=_FAST, cache=True)
 def _act_grad(z, code, param):
-    if code == 1:
-        return np.float32(1.0) if z > 0 else np.float32(0.0)
-    if code == 2:
+    if code <= PIECEWISE_LINEAR:
         return np.float32(1.0) if z > 0 else param
     if code == 3:
         return np.float32(1.0) if z > 0 else math.exp(z) * param
-    if code == 4:
-        s = np.float32(1.0) / (np.float32(1.0) + math.exp(-z))
-        return s * (np.float32(1.0) + z * (np.float32(1.0) - s))
-    return np.float32(1.0)
-
-
-def row_blocks(rows: int) -> int:
-    """Row blocks of the columns layout: enough to feed every thread, few enough that the
-    per-block partials stay small; depends on the shape only (deterministic merge)."""
-    return max(1, min(_MAX_BLOCKS, rows // _CHUNK_ROWS))
+    s = np.float32(1.0) / (np.float32(1.0) + math.exp(-z))
+    return s * (np.float32(1.0) + z * (np.float32(1.0) - s))
 
 
 # ---------------------------------------------------------------- segments x (S, L)
@@ -70,16 +62,17 @@ def row_blocks(rows: int) -> int:
 @njit(**_JIT)
 def segment_sums(x, pivot, sums, sq_sums):
     """sums[s] = sum_l (x[s, l] - pivot[s]),  sq_sums[s] = sum_l (x[s, l] - pivot[s])^2."""
-    length = x.shape[1]
     for s in prange(x.shape[0]):
         p = pivot[s]
+        row = x[s]
         total = 0.0
         total_sq = 0.0
-        for start in range(0, length, _CHUNK_LENGTH):
+        for start in range(0, row.shape[0], _CHUNK_LENGTH):
+            chunk = row[start:start + _CHUNK_LENGTH]
             acc = np.float32(0.0)
             acc_sq = np.float32(0.0)
-            for i in range(start, min(start + _CHUNK_LENGTH, length)):
-                d = x[s, i] - p
+            for i in range(chunk.shape[0]):
+                d = chunk[i] - p
                 acc += d
                 acc_sq += d * d
             total += acc
@@ -93,9 +86,10 @@ def segment_normalize(x, mean, scale, shift, code, param, y):
     """y[s, l] = act((x[s, l] - mean[s]) * scale[s] + shift[s])."""
     for s in prange(x.shape[0]):
         m, a, b = mean[s], scale[s], shift[s]
-        if code == 0:
+        if code <= PIECEWISE_LINEAR:
             for i in range(x.shape[1]):
-                y[s, i] = (x[s, i] - m) * a + b
+                z = (x[s, i] - m) * a + b
+                y[s, i] = z if z > 0 else z * param
         else:
             for i in range(x.shape[1]):
                 y[s, i] = _act((x[s, i] - m) * a + b, code, param)
@@ -104,24 +98,27 @@ def segment_normalize(x, mean, scale, shift, code, param, y):
 @njit(**_JIT)
 def segment_backward_sums(dy, x, mean, scale, shift, code, param, sum_g, sum_g_xc):
     """g = dy * act'(z): sum_g[s] = sum_l g,  sum_g_xc[s] = sum_l g * (x - mean[s])."""
-    length = x.shape[1]
     for s in prange(x.shape[0]):
         m, a, b = mean[s], scale[s], shift[s]
+        x_row, dy_row = x[s], dy[s]
         total_g = 0.0
         total_gx = 0.0
-        for start in range(0, length, _CHUNK_LENGTH):
-            stop = min(start + _CHUNK_LENGTH, length)
+        for start in range(0, x_row.shape[0], _CHUNK_LENGTH):
+            x_chunk = x_row[start:start + _CHUNK_LENGTH]
+            dy_chunk = dy_row[start:start + _CHUNK_LENGTH]
             acc_g = np.float32(0.0)
             acc_gx = np.float32(0.0)
-            if code == 0:
-                for i in range(start, stop):
-                    g = dy[s, i]
+            if code <= PIECEWISE_LINEAR:
+                for i in range(x_chunk.shape[0]):
+                    xc = x_chunk[i] - m
+                    g = dy_chunk[i]
+                    g = g if xc * a + b > 0 else g * param
                     acc_g += g
-                    acc_gx += g * (x[s, i] - m)
+                    acc_gx += g * xc
             else:
-                for i in range(start, stop):
-                    xc = x[s, i] - m
-                    g = dy[s, i] * _act_grad(xc * a + b, code, param)
+                for i in range(x_chunk.shape[0]):
+                    xc = x_chunk[i] - m
+                    g = dy_chunk[i] * _act_grad(xc * a + b, code, param)
                     acc_g += g
                     acc_gx += g * xc
             total_g += acc_g
@@ -140,9 +137,12 @@ def segment_backward_input(dy, x, mean, scale, shift, code, param, k1, k0, k2, b
         if code == 0 and not batch_stats:
             for i in range(x.shape[1]):
                 dx[s, i] = dy[s, i] * c1
-        elif code == 0:
+        elif code <= PIECEWISE_LINEAR:
             for i in range(x.shape[1]):
-                dx[s, i] = dy[s, i] * c1 + c0 + (x[s, i] - m) * c2
+                xc = x[s, i] - m
+                g = dy[s, i]
+                g = g if xc * a + b > 0 else g * param
+                dx[s, i] = g * c1 + c0 + xc * c2
         else:
             for i in range(x.shape[1]):
                 xc = x[s, i] - m
@@ -185,9 +185,10 @@ def column_normalize(x, mean, scale, shift, code, param, y):
     """y[m, c] = act((x[m, c] - mean[c]) * scale[c] + shift[c])."""
     rows, cols = x.shape
     for r in prange(rows):
-        if code == 0:
+        if code <= PIECEWISE_LINEAR:
             for c in range(cols):
-                y[r, c] = (x[r, c] - mean[c]) * scale[c] + shift[c]
+                z = (x[r, c] - mean[c]) * scale[c] + shift[c]
+                y[r, c] = z if z > 0 else z * param
         else:
             for c in range(cols):
                 y[r, c] = _act((x[r, c] - mean[c]) * scale[c] + shift[c], code, param)
@@ -204,11 +205,13 @@ def column_backward_sums(dy, x, mean, scale, shift, code, param, sum_g, sum_g_xc
         acc_g = np.zeros(cols, np.float32)
         acc_gx = np.zeros(cols, np.float32)
         for r in range(start, stop):
-            if code == 0:
+            if code <= PIECEWISE_LINEAR:
                 for c in range(cols):
+                    xc = x[r, c] - mean[c]
                     g = dy[r, c]
+                    g = g if xc * scale[c] + shift[c] > 0 else g * param
                     acc_g[c] += g
-                    acc_gx[c] += g * (x[r, c] - mean[c])
+                    acc_gx[c] += g * xc
             else:
                 for c in range(cols):
                     xc = x[r, c] - mean[c]
@@ -237,9 +240,12 @@ def column_backward_input(dy, x, mean, scale, shift, code, param, k1, k0, k2, ba
         if code == 0 and not batch_stats:
             for c in range(cols):
                 dx[r, c] = dy[r, c] * k1[c]
-        elif code == 0:
+        elif code <= PIECEWISE_LINEAR:
             for c in range(cols):
-                dx[r, c] = dy[r, c] * k1[c] + k0[c] + (x[r, c] - mean[c]) * k2[c]
+                xc = x[r, c] - mean[c]
+                g = dy[r, c]
+                g = g if xc * scale[c] + shift[c] > 0 else g * param
+                dx[r, c] = g * k1[c] + k0[c] + xc * k2[c]
         else:
             for c in range(cols):
                 xc = x[r, c] - mean[c]
@@ -255,9 +261,10 @@ def row_normalize(x, mean, invstd, weight, bias, code, param, y):
     rows, cols = x.shape
     for r in prange(rows):
         m, inv = mean[r], invstd[r]
-        if code == 0:
+        if code <= PIECEWISE_LINEAR:
             for k in range(cols):
-                y[r, k] = (x[r, k] - m) * (inv * weight[k]) + bias[k]
+                z = (x[r, k] - m) * (inv * weight[k]) + bias[k]
+                y[r, k] = z if z > 0 else z * param
         else:
             for k in range(cols):
                 y[r, k] = _act((x[r, k] - m) * (inv * weight[k]) + bias[k], code, param)
@@ -278,18 +285,26 @@ def row_backward_sums(dy, x, mean, invstd, weight, bias, code, param, sum_gh, su
         acc_b = np.zeros(cols, np.float32)
         for r in range(start, stop):
             m, inv = mean[r], invstd[r]
+            x_row, dy_row = x[r], dy[r]
             row_gh = np.float32(0.0)
             row_gh_xhat = np.float32(0.0)
-            for k in range(cols):
-                x_hat = (x[r, k] - m) * inv
-                g = dy[r, k]
-                if code != 0:
-                    g *= _act_grad(x_hat * weight[k] + bias[k], code, param)
-                acc_w[k] += g * x_hat
-                acc_b[k] += g
-                gh = g * weight[k]
-                row_gh += gh
-                row_gh_xhat += gh * x_hat
+            if code <= PIECEWISE_LINEAR:
+                for k in range(cols):
+                    x_hat = (x_row[k] - m) * inv
+                    g = dy_row[k]
+                    g = g if x_hat * weight[k] + bias[k] > 0 else g * param
+                    acc_w[k] += g * x_hat
+                    acc_b[k] += g
+                    row_gh += g * weight[k]
+                    row_gh_xhat += g * weight[k] * x_hat
+            else:
+                for k in range(cols):
+                    x_hat = (x_row[k] - m) * inv
+                    g = dy_row[k] * _act_grad(x_hat * weight[k] + bias[k], code, param)
+                    acc_w[k] += g * x_hat
+                    acc_b[k] += g
+                    row_gh += g * weight[k]
+                    row_gh_xhat += g * weight[k] * x_hat
             sum_gh[r] = row_gh
             sum_gh_xhat[r] = row_gh_xhat
             if (r - start) % _CHUNK_ROWS == _CHUNK_ROWS - 1 or r == stop - 1:
@@ -313,10 +328,12 @@ def row_backward_input(dy, x, mean, invstd, weight, bias, code, param, m1, m2, b
         m, inv = mean[r], invstd[r]
         c1 = m1[r] if batch_stats else np.float32(0.0)
         c2 = m2[r] if batch_stats else np.float32(0.0)
-        if code == 0:
+        if code <= PIECEWISE_LINEAR:
             for k in range(cols):
                 x_hat = (x[r, k] - m) * inv
-                dx[r, k] = inv * (dy[r, k] * weight[k] - c1 - x_hat * c2)
+                g = dy[r, k]
+                g = g if x_hat * weight[k] + bias[k] > 0 else g * param
+                dx[r, k] = inv * (g * weight[k] - c1 - x_hat * c2)
         else:
             for k in range(cols):
                 x_hat = (x[r, k] - m) * inv

@@ -107,7 +107,12 @@ def _scale(invstd: Tensor, weight: Tensor | None) -> Tensor:
 
 
 def _code(act: Activation) -> tuple[int, np.float32]:
-    return loops.ACTIVATION_CODES[act.name], np.float32(act.param)
+    """The loops' activation code and parameter; piecewise-linear ones pass their negative
+    slope (identity 1, relu 0)."""
+    code = loops.ACTIVATION_CODES[act.name]
+    if code <= loops.PIECEWISE_LINEAR:
+        return code, np.float32({"identity": 1.0, "relu": 0.0}.get(act.name, act.param))
+    return code, np.float32(act.param)
 
 
 def moments(x: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor]:
