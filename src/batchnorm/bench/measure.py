@@ -4,6 +4,8 @@ hits all of them alike), medians, the machine's copy bandwidth, and bounded torc
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import signal
 import statistics
 import time
@@ -14,6 +16,17 @@ import torch
 from batchnorm.bench.cases import Case
 
 Step = Callable[[], object]
+
+
+def keep_freed_memory() -> None:
+    """Make glibc serve allocations below 1 GiB from the heap and never return freed memory
+    to the system, so a large output reuses pages already mapped instead of page-faulting
+    fresh ones on every call. Process-wide: a benchmark switch that shows the page-fault
+    share of a case, not something the library does to its users."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    if not (libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 30)):
+        raise RuntimeError("mallopt refused the thresholds: --keep-freed-memory needs glibc")
 
 
 def copy_bandwidth(megabytes: int = 256, repeats: int = 9) -> float:
