@@ -102,8 +102,7 @@ def _per(layout: str, t: Tensor | None, x: Tensor, fill: float) -> np.ndarray:
 
 
 def _scale(invstd: Tensor, weight: Tensor | None) -> Tensor:
-    return invstd if weight is None else invstd * weight.reshape(
-        weight.shape if weight.dim() == invstd.dim() else invstd.shape)
+    return invstd if weight is None else invstd * weight
 
 
 def _code(act: Activation) -> tuple[int, np.float32]:
