@@ -83,7 +83,8 @@ def test_kernels_run_inside_batch_norm_when_forced(monkeypatch):
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_batch_norm_training_steps_match_torch_in_float64(monkeypatch, memory_format):
     """Three training steps then eval: outputs and gradients within 2e-5 of torch's float64
-    batch_norm, running statistics within 1e-6."""
+    batch_norm, running statistics within 1e-6 + 2e-6 relative (float32 rounding of values
+    around 2-4 over four updates)."""
     monkeypatch.setenv("BATCHNORM_BACKEND", "numba")
     channels = 6
     ours_stats = [torch.zeros(channels), torch.ones(channels)]
@@ -106,7 +107,7 @@ def test_batch_norm_training_steps_match_torch_in_float64(monkeypatch, memory_fo
         for ours, ref in zip(leaves, leaves64, strict=True):
             torch.testing.assert_close(ours.grad.double(), ref.grad, rtol=2e-5, atol=2e-5)
         for ours, ref in zip(ours_stats, ref_stats, strict=True):
-            torch.testing.assert_close(ours.double(), ref, rtol=0, atol=1e-6)
+            torch.testing.assert_close(ours.double(), ref, rtol=2e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("case", ["layer_norm", "group_norm", "instance_norm"])

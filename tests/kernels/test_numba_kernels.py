@@ -194,3 +194,11 @@ def test_non_finite_input_propagates_instead_of_vanishing():
     y = numba_cpu.normalize(view.x, mean, torch.rsqrt(var + 1e-5), None, None,
                             Activation("relu"))
     assert torch.isnan(y[:, 2]).all()
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS[:2], ids=lambda a: a.name)
+def test_ghost_batch_view_matches_float64(act):
+    """(chunks, P / chunks, C, Q) reduced over (1, 3): statistics per ghost batch."""
+    view = channel_view(torch.randn(12, 5, 20) + 1, 1)
+    x = view.x.view(3, 4, 5, 20)
+    check_view_against_float64(x, (1, 3), (1, 1, 5, 1), act)
