@@ -14,7 +14,7 @@ from types import ModuleType
 from torch import Tensor
 
 from batchnorm.core.spec import NormSpec
-from batchnorm.kernels import reference
+from batchnorm.kernels import numba_cpu, reference
 
 BACKENDS = ("torch", "numba")
 
@@ -28,4 +28,9 @@ def forced_backend() -> str | None:
 
 def select(x: Tensor, spec: NormSpec) -> ModuleType:
     """The backend module that runs ``spec`` on view ``x``."""
+    choice = forced_backend()
+    if choice == "torch" or not numba_cpu.supports(x, spec):
+        return reference
+    if choice == "numba" or numba_cpu.prefers(x, spec):
+        return numba_cpu
     return reference

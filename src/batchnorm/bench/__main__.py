@@ -1,0 +1,5 @@
+"""``python -m batchnorm.bench``."""
+
+from batchnorm.bench import main
+
+raise SystemExit(main())

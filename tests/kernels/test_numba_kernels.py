@@ -1,0 +1,204 @@
+"""The Numba kernels against float64 math written out here, on every canonical layout.
+
+Tolerances: float32 kernels vs float64 math on unit-scale data with at least 8 values per
+statistic (fewer make the float32 problem itself ill-conditioned), 2e-5 relative to the
+largest value of the quantity compared (outputs, gradients, statistics)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from batchnorm.core.activation import Activation
+from batchnorm.core.layout import channel_view, group_view, row_view
+from batchnorm.core.spec import NormSpec
+from batchnorm.kernels import numba_cpu
+
+RTOL = 2e-5
+ACTIVATIONS = [Activation(), Activation("relu"), Activation("leaky_relu", 0.2),
+               Activation("elu", 0.7), Activation("silu")]
+SETTINGS = settings(max_examples=12, deadline=None)
+SEEDS = st.integers(0, 2**16)
+
+
+def act64(z: torch.Tensor, act: Activation) -> torch.Tensor:
+    functions = {
+        "identity": lambda t: t,
+        "relu": torch.relu,
+        "leaky_relu": lambda t: torch.nn.functional.leaky_relu(t, act.param),
+        "elu": lambda t: torch.nn.functional.elu(t, act.param),
+        "silu": torch.nn.functional.silu,
+    }
+    return functions[act.name](z)
+
+
+def normalize64(x, weight, bias, dims, act, eps=1e-5):
+    """act((x - mean) / sqrt(var + eps) * weight + bias) in float64, differentiable."""
+    mean = x.mean(dims, keepdim=True)
+    var = (x - mean).square().mean(dims, keepdim=True)
+    return act64((x - mean) / torch.sqrt(var + eps) * weight + bias, act)
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = RTOL) -> None:
+    scale = expected.abs().max().clamp_min(1.0)
+    error = (actual.double() - expected).abs().max()
+    assert error <= rtol * scale, f"max error {error:.3g} > {rtol} * {scale:.3g}"
+
+
+def run_kernels(x: torch.Tensor, spec: NormSpec, weight, bias, dy):
+    """Forward and backward of the kernels with batch statistics, as the core runs them."""
+    mean, var = numba_cpu.moments(x, spec.reduce_dims)
+    invstd = torch.rsqrt(var + spec.eps)
+    y = numba_cpu.normalize(x, mean, invstd, weight, bias, spec.activation)
+    grad_weight, grad_bias, s1, s2 = numba_cpu.backward_reduce(dy, x, mean, invstd, weight,
+                                                               bias, spec)
+    count = x.numel() // mean.numel()
+    dx = numba_cpu.backward_input(dy, x, mean, invstd, weight, bias, spec, s1 / count,
+                                  s2 / count)
+    return mean, var, y, dx, grad_weight, grad_bias
+
+
+def check_view_against_float64(x: torch.Tensor, reduce_dims, param_shape, act) -> None:
+    spec = NormSpec(tuple(reduce_dims), tuple(param_shape), 1e-5, act)
+    assert numba_cpu.supports(x, spec)
+    weight = torch.randn(param_shape) * 0.5 + 1
+    bias = torch.randn(param_shape) * 0.5
+    dy = torch.randn_like(x)
+    mean, var, y, dx, grad_weight, grad_bias = run_kernels(x, spec, weight, bias, dy)
+
+    x64, w64, b64 = (t.double().requires_grad_() for t in (x, weight, bias))
+    y64 = normalize64(x64, w64, b64, spec.reduce_dims, act)
+    y64.backward(dy.double())
+    close(mean, x64.detach().mean(spec.reduce_dims, keepdim=True))
+    close(var, x64.detach().var(spec.reduce_dims, keepdim=True, correction=0))
+    close(y, y64.detach())
+    close(dx, x64.grad)
+    close(grad_weight, w64.grad)
+    close(grad_bias, b64.grad)
+
+
+@SETTINGS
+@given(p=st.integers(1, 6), c=st.integers(1, 9), q=st.integers(8, 70),
+       act=st.sampled_from(ACTIVATIONS), seed=SEEDS)
+def test_channels_first_batch_norm_matches_float64(p, c, q, act, seed):
+    torch.manual_seed(seed)
+    view = channel_view(torch.randn(p, c, q) * 2 + 3, 1)
+    check_view_against_float64(view.x, view.reduce_dims, view.param_shape, act)
+
+
+@SETTINGS
+@given(m=st.integers(8, 300), c=st.integers(1, 40), act=st.sampled_from(ACTIVATIONS),
+       seed=SEEDS)
+def test_channels_last_batch_norm_matches_float64(m, c, act, seed):
+    torch.manual_seed(seed)
+    x = torch.randn(m, 1, 1, c).permute(0, 3, 1, 2) * 2 - 1  # channels_last NCHW
+    view = channel_view(x, 1)
+    assert view.reduce_dims == (0,)
+    check_view_against_float64(view.x, view.reduce_dims, view.param_shape, act)
+
+
+@SETTINGS
+@given(n=st.integers(1, 4), groups=st.integers(1, 4), per_group=st.integers(1, 4),
+       length=st.integers(8, 50), seed=SEEDS)
+def test_group_norm_view_matches_float64(n, groups, per_group, length, seed):
+    torch.manual_seed(seed)
+    view = group_view(torch.randn(n, groups * per_group, length) + 5, groups)
+    check_view_against_float64(view.x, view.reduce_dims, view.param_shape, Activation())
+
+
+@SETTINGS
+@given(rows=st.integers(1, 200), width=st.integers(8, 300), seed=SEEDS)
+def test_layer_norm_rows_match_float64(rows, width, seed):
+    torch.manual_seed(seed)
+    view = row_view(torch.randn(rows, width) * 3, 1)
+    check_view_against_float64(view.x, view.reduce_dims, view.param_shape, Activation())
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 5000), (5000, 3)])
+def test_layer_norm_without_parameters_takes_per_row_path(shape):
+    x = torch.randn(shape)
+    view = row_view(x, 1)
+    spec = NormSpec(view.reduce_dims, view.param_shape, 1e-5)
+    mean, var = numba_cpu.moments(view.x, spec.reduce_dims)
+    y = numba_cpu.normalize(view.x, mean, torch.rsqrt(var + 1e-5), None, None, spec.activation)
+    close(y, normalize64(view.x.double(), 1.0, 0.0, (1,), Activation()))
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS, ids=lambda a: a.name)
+def test_eval_backward_uses_given_statistics(act):
+    view = channel_view(torch.randn(4, 6, 30), 1)
+    spec = NormSpec(view.reduce_dims, view.param_shape, 1e-5, act)
+    mean, var = torch.randn(1, 6, 1), torch.rand(1, 6, 1) + 0.5
+    weight, bias = torch.randn(1, 6, 1), torch.randn(1, 6, 1)
+    dy = torch.randn_like(view.x)
+    invstd = torch.rsqrt(var + 1e-5)
+    x64 = view.x.double().requires_grad_()
+    y64 = act64((x64 - mean.double()) * invstd.double() * weight.double() + bias.double(), act)
+    y64.backward(dy.double())
+    y = numba_cpu.normalize(view.x, mean, invstd, weight, bias, act)
+    dx = numba_cpu.backward_input(dy, view.x, mean, invstd, weight, bias, spec, None, None)
+    close(y, y64.detach())
+    close(dx, x64.grad)
+
+
+@pytest.mark.parametrize("make_view", [
+    lambda x: channel_view(x, 1),
+    lambda x: channel_view(x.contiguous(memory_format=torch.channels_last), 1),
+    lambda x: group_view(x, 4),
+], ids=["channels_first", "channels_last", "groups"])
+def test_large_offset_keeps_statistics_accurate(make_view):
+    """Mean 1e4, std 1 in float32: outputs within 1e-3 of float64, variance within 1e-4."""
+    x = torch.randn(8, 16, 12, 12, dtype=torch.float64) + 1e4
+    view = make_view(x.float())
+    spec = NormSpec(view.reduce_dims, view.param_shape, 1e-5)
+    mean, var = numba_cpu.moments(view.x, spec.reduce_dims)
+    x64 = view.x.double()
+    var64 = x64.var(spec.reduce_dims, keepdim=True, correction=0)
+    assert ((var.double() - var64).abs() / var64).max() < 1e-4
+    y = numba_cpu.normalize(view.x, mean, torch.rsqrt(var + 1e-5), None, None, Activation())
+    y64 = (x64 - x64.mean(spec.reduce_dims, keepdim=True)) / torch.sqrt(var64 + 1e-5)
+    assert (y.double() - y64).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("shape,axis", [((64, 32, 40), 1), ((5000, 64), 1)])
+def test_results_are_bitwise_identical_across_runs_and_thread_counts(shape, axis):
+    x = torch.randn(shape) + 2
+    view = channel_view(x, axis)
+    spec = NormSpec(view.reduce_dims, view.param_shape, 1e-5, Activation("silu"))
+    weight, bias = torch.randn(spec.param_shape), torch.randn(spec.param_shape)
+    dy = torch.randn_like(view.x)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (threads, 1, threads):
+            torch.set_num_threads(count)
+            results.append(run_kernels(view.x, spec, weight, bias, dy))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for first, again in zip(results[0], other, strict=True):
+            assert torch.equal(first, again)
+
+
+def test_non_finite_input_propagates_instead_of_vanishing():
+    x = torch.randn(4, 3, 20)
+    x[1, 2, 5] = math.nan
+    view = channel_view(x, 1)
+    mean, var = numba_cpu.moments(view.x, view.reduce_dims)
+    assert math.isnan(mean[0, 2, 0]) and math.isnan(var[0, 2, 0])
+    assert torch.isfinite(mean[0, :2]).all()
+    y = numba_cpu.normalize(view.x, mean, torch.rsqrt(var + 1e-5), None, None,
+                            Activation("relu"))
+    assert torch.isnan(y[:, 2]).all()
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS[:2], ids=lambda a: a.name)
+def test_ghost_batch_view_matches_float64(act):
+    """(chunks, P / chunks, C, Q) reduced over (1, 3): statistics per ghost batch."""
+    view = channel_view(torch.randn(12, 5, 20) + 1, 1)
+    x = view.x.view(3, 4, 5, 20)
+    check_view_against_float64(x, (1, 3), (1, 1, 5, 1), act)
