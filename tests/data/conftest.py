@@ -1,21 +1,16 @@
-"""Fixtures for the data tests: IDX files written from the format spec, a local HTTP
-server, and the real MNIST directory (skipped loudly when absent, failed under CI)."""
+"""Fixtures for the data tests: IDX files written from the format spec and a local HTTP
+server."""
 
 from __future__ import annotations
 
 import gzip
 import http.server
-import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-from batchnorm.data import default_data_dir
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # IDX dtype code for each numpy dtype, written independently of the package's table
 IDX_CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09, np.dtype(">i2"): 0x0B,
@@ -88,24 +83,3 @@ def server() -> Iterator[LocalServer]:
     yield local
     local.server.shutdown()
     local.server.server_close()
-
-
-@pytest.fixture
-def mnist_data_dir() -> Path:
-    """Directory holding ``mnist/`` with at least the real MNIST test files.
-
-    ``$BATCHNORM_DATA``, else ``../shared/data`` next to the repository. Absent: skip
-    with the reason, unless ``BATCHNORM_REQUIRE_DATA=1`` (CI), where it fails.
-    """
-    data_dir = default_data_dir(default=REPO_ROOT.parent / "shared" / "data")
-    names = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-    missing = [name for name in names
-               if not any((data_dir / "mnist" / f"{name}{suffix}").is_file()
-                          for suffix in (".gz", ""))]
-    if missing:
-        reason = (f"REAL MNIST DATA MISSING: {', '.join(missing)} not under {data_dir / 'mnist'}"
-                  " (set BATCHNORM_DATA to the folder holding mnist/)")
-        if os.environ.get("BATCHNORM_REQUIRE_DATA") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return data_dir

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import socket
+import sys
 
 import pytest
 
@@ -113,3 +114,32 @@ def test_verify_md5_names_the_file_expected_and_actual(tmp_path):
         verify_md5(path, BODY_MD5)
     assert caught.value.path == path and caught.value.expected == BODY_MD5
     assert caught.value.actual == hashlib.md5(BODY + b"x").hexdigest()
+
+
+class RecordingBar:
+    def __init__(self, total, name):
+        self.total, self.name, self.progress, self.closed = total, name, 0, False
+
+    def update(self, count):
+        self.progress += count
+
+    def close(self):
+        self.closed = True
+
+
+def test_progress_bar_counts_every_byte_against_the_content_length(tmp_path, server,
+                                                                    monkeypatch):
+    bars = []
+    monkeypatch.setattr(download_module, "_progress",
+                        lambda total, name: bars.append(RecordingBar(total, name)) or bars[-1])
+    server.serve(f"/m/{NAME}", BODY)
+    download_file(tmp_path / NAME, [f"{server.url}/m"], BODY_MD5)
+    [bar] = bars
+    assert (bar.total, bar.name, bar.progress, bar.closed) == (len(BODY), NAME, len(BODY), True)
+
+
+def test_download_works_quietly_without_tqdm(tmp_path, server, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # makes `import tqdm` raise ImportError
+    assert download_module._progress(10, NAME) is None
+    server.serve(f"/m/{NAME}", BODY)
+    assert download_file(tmp_path / NAME, [f"{server.url}/m"], BODY_MD5).read_bytes() == BODY

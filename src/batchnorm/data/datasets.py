@@ -1,6 +1,7 @@
 """Train/validation splits of MNIST, Fashion-MNIST, or scikit-learn's 8x8 digits.
 
-Files live under ``<data_dir>/<dataset>/`` with their official names (``.gz`` or raw).
+Files live under ``<data_dir>/<dataset>/`` (or directly in ``data_dir``) with their
+official names (``.gz`` or raw).
 Which split you get depends on what is there:
 
 * all four files -> train = the 60,000 training images, validation = the 10,000 test images;
@@ -19,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -127,6 +129,14 @@ def _find(folder: Path, gz_name: str) -> Path | None:
     return None
 
 
+def _dataset_folder(root: Path, name: str) -> Path:
+    """``root/<dataset folder>``, or ``root`` itself when it directly holds the test files."""
+    folder = root / DATASETS[name].folder
+    if not folder.is_dir() and _find(root, _PARTS["test"][0]) is not None:
+        return root
+    return folder
+
+
 def _load_pair(dataset: IdxDataset, images: Path, labels: Path) -> tuple[Tensor, Tensor]:
     for path in (images, labels):
         if path.suffix == ".gz":
@@ -183,10 +193,11 @@ def _digits(note: str) -> Split:
 
 def load_split(name: str = "mnist", data_dir: str | os.PathLike[str] | None = None,
                download: bool = False, fallback: bool = True,
-               mirrors: tuple[str, ...] | list[str] | None = None) -> Split:
+               mirrors: Sequence[str] | None = None) -> Split:
     """Load ``name`` ("mnist", "fashion-mnist" or "digits") as a train/validation :class:`Split`.
 
-    ``data_dir`` defaults to :func:`default_data_dir`. With ``download=True`` missing
+    ``data_dir`` (default :func:`default_data_dir`) holds ``<dataset>/``, or is itself the
+    folder with the files. With ``download=True`` missing
     files are fetched from ``mirrors`` (default :func:`mirrors_for`) first. Corrupt files
     always raise :class:`DataFileError`; only *absent* data falls back to digits.
     """
@@ -194,8 +205,8 @@ def load_split(name: str = "mnist", data_dir: str | os.PathLike[str] | None = No
         raise ValueError(f"name must be one of {', '.join(NAMES)}, got {name!r}")
     if name == "digits":
         return _digits(note="")
-    folder = (Path(data_dir).expanduser() if data_dir is not None else default_data_dir())
-    folder = folder / DATASETS[name].folder
+    root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+    folder = _dataset_folder(root, name)
     if download:
         _download_missing(name, folder, tuple(mirrors) if mirrors else mirrors_for(name))
     parts = _present_parts(DATASETS[name], folder)

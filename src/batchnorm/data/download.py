@@ -33,6 +33,7 @@ class DownloadError(OSError):
 
 
 def file_md5(path: str | os.PathLike[str]) -> str:
+    """Hex MD5 of a file (the published checksums of the official .gz files are MD5)."""
     digest = hashlib.md5(usedforsecurity=False)
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
