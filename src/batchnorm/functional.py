@@ -119,9 +119,9 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
     for name, tensor in (("running_mean", running_mean), ("running_var", running_var),
                          ("weight", weight), ("bias", bias)):
         _check_per_channel(name, tensor, channels)
-    if training and reducer is None:  # with a reducer, the merged count is checked
+    if training:
         values_per_channel = input.numel() // max(channels, 1)
-        if values_per_channel == 1:
+        if values_per_channel == 1 and reducer is None:  # a reducer checks the merged count
             raise ValueError("Expected more than 1 value per channel when training, "
                              f"got input size {input.size()}")
     elif running_mean is None or running_var is None:

@@ -12,27 +12,15 @@ import pytest
 
 from batchnorm.examples.ddp_mnist import parse_args
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def _mnist_data_dir() -> Path:
-    data_dir = Path(os.environ.get("BATCHNORM_DATA", REPO_ROOT.parent / "shared" / "data"))
-    if not (data_dir / "mnist" / "t10k-images-idx3-ubyte.gz").is_file():
-        reason = f"REAL MNIST DATA MISSING under {data_dir / 'mnist'} (set BATCHNORM_DATA)"
-        if os.environ.get("BATCHNORM_REQUIRE_DATA") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return data_dir
-
 
 @pytest.mark.mnist
-def test_torchrun_two_processes_learns_and_keeps_running_stats_in_sync() -> None:
-    data_dir = _mnist_data_dir()
+def test_torchrun_two_processes_learns_and_keeps_running_stats_in_sync(
+        mnist_data_dir: Path) -> None:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc_per_node=2", "-m", "batchnorm.examples.ddp_mnist", "--epochs", "2",
                "--train-images", "2000", "--timeout", "60"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=240,
-                            env={**os.environ, "BATCHNORM_DATA": str(data_dir)})
+                            env={**os.environ, "BATCHNORM_DATA": str(mnist_data_dir)})
     assert result.returncode == 0, result.stderr[-3000:]
     epochs = re.findall(r"epoch (\d): train loss ([\d.]+)  validation accuracy ([\d.]+)%  "
                         r"BN running-stat spread across processes ([\d.e+-]+)", result.stdout)

@@ -31,14 +31,20 @@ _BatchNormBase = nn.modules.batchnorm._BatchNorm
 
 class SyncBatchNorm(_BatchNormForward, _BatchNormBase):
     """:class:`torch.nn.SyncBatchNorm`'s arguments, parameters and state_dict keys, for
-    input of any rank >= 2 (channel axis 1), NCHW or channels-last, CPU or CUDA."""
+    input of any rank >= 2 (channel axis 1), NCHW or channels-last, CPU or CUDA.
+
+    ``variant_options`` are those of :class:`batchnorm.BatchNorm2d`: ``renorm`` measures
+    r and d with the global batch statistics; ``ghost_batch_size`` chunks each process's
+    own batch, so those layers normalize locally and do not communicate at all (their
+    running statistics then differ between processes unless DDP broadcasts buffers)."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True,
                  process_group: dist.ProcessGroup | None = None, device: Any = None,
-                 dtype: torch.dtype | None = None, *, bias: bool = True) -> None:
+                 dtype: torch.dtype | None = None, *, bias: bool = True,
+                 **variant_options: Any) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device,
-                         dtype, bias=bias)
+                         dtype, bias=bias, **variant_options)
         self.process_group = process_group
 
     def _check_input_dim(self, input: Tensor) -> None:
@@ -54,7 +60,8 @@ class SyncBatchNorm(_BatchNormForward, _BatchNormBase):
 
     def _batch_norm_options(self) -> dict[str, Any]:
         options = super()._batch_norm_options()
-        if self.training and sync_world_size(self.process_group) > 1:
+        if self.training and self.ghost_batch_size is None and \
+                sync_world_size(self.process_group) > 1:
             options["reducer"] = ProcessGroupReducer(self.process_group, self.layer_name)
         return options
 
