@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -59,18 +60,20 @@ def run_processes(target: Callable[..., Any], world_size: int, out: Path, *args:
                  for rank in range(world_size)]
     for process in processes:
         process.start()
-    deadline = datetime.datetime.now() + datetime.timedelta(seconds=bound_s)
+    deadline = time.monotonic() + bound_s
     for process in processes:
-        process.join(max(0.0, (deadline - datetime.datetime.now()).total_seconds()))
+        process.join(max(0.0, deadline - time.monotonic()))
     hung = [rank for rank, process in enumerate(processes) if process.is_alive()]
     for rank in hung:
         processes[rank].kill()
         processes[rank].join()
+    exit_codes = {rank: process.exitcode for rank, process in enumerate(processes)
+                  if rank not in hung and process.exitcode != 0}
     errors = {rank: (out / f"rank{rank}.err").read_text()
               for rank in range(world_size) if (out / f"rank{rank}.err").exists()}
-    if hung or errors:
+    if hung or exit_codes or errors:
         raise AssertionError(f"ranks {hung} still running after {bound_s} s (killed); "
-                             f"errors: {errors}")
+                             f"non-zero exit codes {exit_codes}; errors: {errors}")
     return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)]
 
 

@@ -70,7 +70,8 @@ def _convert(module: nn.Module, process_group: dist.ProcessGroup | None,
              name: str) -> nn.Module:
     if isinstance(module, SyncBatchNorm):
         module.process_group = process_group
-        module._qualified_name = f"SyncBatchNorm '{name}'"
+        if name:  # the root module has no name of its own
+            module._qualified_name = f"SyncBatchNorm '{name}'"
         return module
     if isinstance(module, _BatchNormBase):
         if isinstance(module, nn.modules.lazy.LazyModuleMixin) and \
