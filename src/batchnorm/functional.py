@@ -121,7 +121,7 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
         _check_per_channel(name, tensor, channels)
     if training:
         values_per_channel = input.numel() // max(channels, 1)
-        if values_per_channel == 1:
+        if values_per_channel == 1 and reducer is None:  # a reducer checks the merged count
             raise ValueError("Expected more than 1 value per channel when training, "
                              f"got input size {input.size()}")
     elif running_mean is None or running_var is None:

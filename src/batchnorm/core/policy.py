@@ -28,8 +28,16 @@ class StatsReducer(GradientReducer, Protocol):
 @torch.no_grad()
 def batch_moments(view: View, spec: NormSpec, reducer: StatsReducer | None = None
                   ) -> tuple[Tensor, Tensor, int]:
-    """Mean, biased variance and the count behind them, over the view's reduced dims."""
-    mean, var = kernels.select(view.x, spec).moments(view.x, spec.reduce_dims)
+    """Mean, biased variance and the count behind them, over the view's reduced dims.
+
+    A view with no values (a process whose share of a synchronized batch is empty) gives
+    zeros with count 0, which the reducer's merge weighs by that count: nothing."""
+    if view.count == 0:
+        shape = [1 if d in spec.reduce_dims else size for d, size in enumerate(view.x.shape)]
+        mean = var = view.x.new_zeros(shape, dtype=kernels.reference.accumulation_dtype(
+            view.x.dtype))
+    else:
+        mean, var = kernels.select(view.x, spec).moments(view.x, spec.reduce_dims)
     count = view.count
     if reducer is not None:
         mean, var, count = reducer.merge_moments(mean, var, count)
