@@ -7,6 +7,7 @@ decay check only when the ``optimizer`` is given.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -157,10 +158,13 @@ def _check_batch(model: nn.Module, layers: dict[str, _BatchNorm], batch: object
     """Runs ``batch`` through the model in eval mode and compares each BatchNorm's input
     with its running statistics."""
     seen: dict[str, tuple[Tensor, Tensor, int]] = {}
-    handles = [bn.register_forward_pre_hook(
-        lambda module, args, name=name: seen.setdefault(
-            name, _input_moments(args[0], getattr(module, "axis", 1) % args[0].dim())))
-        for name, bn in layers.items()]
+
+    def record(name: str, module: _BatchNorm, args: tuple[Tensor, ...]) -> None:
+        if name not in seen:  # a layer called twice is judged on its first call
+            seen[name] = _input_moments(args[0], getattr(module, "axis", 1) % args[0].dim())
+
+    handles = [bn.register_forward_pre_hook(functools.partial(record, name))
+               for name, bn in layers.items()]
     modes = {module: module.training for module in model.modules()}
     input = batch[0] if isinstance(batch, (tuple, list)) else batch
     try:
