@@ -211,3 +211,14 @@ def test_fold_rejects_a_non_module_and_a_lone_batchnorm():
         fold("model.pt")
     with pytest.raises(ValueError, match="single BatchNorm layer"):
         fold(nn.BatchNorm2d(3))
+
+
+def test_fold_benchmark_reports_equal_outputs_and_the_three_timings():
+    from batchnorm.bench.fold import measure
+
+    result = measure(quick=True)
+    assert result["max_abs_diff"] < 1e-5
+    assert "9 BatchNorm2d" in result["model"]
+    for key in ("torch_bn_ms", "ours_bn_ms", "folded_ms"):
+        assert result[key] > 0
+    assert result["speedup_vs_torch_bn"] == result["torch_bn_ms"] / result["folded_ms"]
