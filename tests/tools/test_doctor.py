@@ -135,6 +135,11 @@ def test_redundant_bias_is_found_in_untraceable_models_through_sequential_neighb
     assert codes(doctor(model)) == {("redundant-bias", "features.0")}
 
 
+def test_bias_before_a_frozen_batchnorm_is_not_redundant():
+    model = batchnorm.freeze(small_cnn(bias=True).eval())
+    assert doctor(model) == []
+
+
 def test_tiny_batch_has_too_few_values_per_channel(healthy):
     model, _ = healthy
     images, labels = data_batch(size=4)

@@ -135,7 +135,7 @@ def test_batchnorm_without_affine_folds():
 
 class SharedOutput(nn.Module):
     """The conv output feeds the BatchNorm and the skip connection: folding would change
-    the skip, so the BatchNorm must become a frozen affine instead."""
+    the skip, so the BatchNorm must become a FrozenBatchNorm instead."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -148,12 +148,13 @@ class SharedOutput(nn.Module):
         return self.bn(y) + y
 
 
-def test_unfoldable_batchnorms_become_frozen_affines_with_equal_outputs():
+def test_unfoldable_batchnorms_become_frozen_batchnorms_with_equal_outputs():
     model = trained_stats(SharedOutput(), (8, 3, 6, 6))
     folded = assert_folds_exactly(model, torch.randn(2, 3, 6, 6), F32)
     assert count(folded, _BatchNorm) == 0
     assert torch.equal(folded.conv.weight, model.conv.weight)  # not folded into
-    assert type(folded.bn).__name__ == "_FrozenAffine"
+    assert isinstance(folded.bn, batchnorm.FrozenBatchNorm2d)
+    assert isinstance(folded.input_norm, batchnorm.FrozenBatchNorm2d)
 
 
 def test_conv_called_twice_is_not_folded_into():
@@ -179,7 +180,7 @@ def test_batchnorm_without_running_stats_is_left_in_place_with_a_warning():
     assert count(folded, _BatchNorm) == 1
 
 
-def test_untraceable_model_gets_frozen_affines_with_a_warning():
+def test_untraceable_model_gets_frozen_batchnorms_with_a_warning():
     class DataDependent(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -222,3 +223,25 @@ def test_fold_benchmark_reports_equal_outputs_and_the_three_timings():
     for key in ("torch_bn_ms", "ours_bn_ms", "folded_ms"):
         assert result[key] > 0
     assert result["speedup_vs_torch_bn"] == result["torch_bn_ms"] / result["folded_ms"]
+
+
+@pytest.mark.parametrize("options", [
+    {"activation": "relu"}, {"activation": "leaky_relu", "activation_param": 0.2},
+    {"activation": "elu", "activation_param": 0.5}, {"activation": "silu"},
+    {"ghost_batch_size": 4}, {"renorm": True},
+], ids=lambda options: "-".join(f"{k}={v}" for k, v in options.items()))
+def test_variant_batchnorms_fold_and_keep_their_fused_activation(options):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), batchnorm.BatchNorm2d(4, **options),
+                          nn.Conv2d(4, 2, 1))
+    model = trained_stats(model, (8, 3, 6, 6), dtype=torch.float64)
+    folded = assert_folds_exactly(model, torch.randn(3, 3, 6, 6, dtype=torch.float64), F64)
+    assert count(folded, _BatchNorm) == 0
+
+
+def test_frozen_batchnorm_after_a_conv_folds():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3),
+                          batchnorm.BatchNorm2d(4, activation="relu"))
+    model = batchnorm.freeze(trained_stats(model, (8, 3, 8, 8), dtype=torch.float64))
+    folded = assert_folds_exactly(model, torch.randn(3, 3, 8, 8, dtype=torch.float64), F64)
+    assert count(folded, batchnorm.FrozenBatchNorm) == 0
+    assert count(folded, nn.ReLU) == 1

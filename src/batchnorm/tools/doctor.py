@@ -95,8 +95,8 @@ def _check_frozen_params(layers: dict[str, _BatchNorm]) -> list[Finding]:
                 "frozen-params-updating-stats", "warning", name,
                 f"{' and '.join(frozen)} have requires_grad=False, but the layer is in "
                 "training mode and still updates its running statistics",
-                "keep frozen BatchNorm layers in eval() mode during training (or replace "
-                "them by frozen BatchNorm) so their statistics stay frozen too"))
+                "replace the layer by FrozenBatchNorm (batchnorm.freeze) or keep it in "
+                "eval() mode during training, so its statistics stay frozen too"))
     return findings
 
 
@@ -120,9 +120,11 @@ def _layer_bn_names(model: nn.Module) -> list[tuple[str, str]]:
 
 
 def _check_redundant_bias(model: nn.Module) -> list[Finding]:
+    """A FrozenBatchNorm subtracts a fixed mean, so only a _BatchNorm cancels a bias."""
     findings = []
     for layer_name, bn_name in _layer_bn_names(model):
-        if model.get_submodule(layer_name).bias is not None:
+        if model.get_submodule(layer_name).bias is not None and \
+                isinstance(model.get_submodule(bn_name), _BatchNorm):
             findings.append(Finding(
                 "redundant-bias", "info", layer_name,
                 f"this layer's bias feeds BatchNorm {bn_name!r}, which subtracts the mean "

@@ -17,37 +17,20 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from batchnorm.tools.graph import layer_batchnorm_pairs, trace
+from batchnorm.core.activation import make_activation
+from batchnorm.modules.frozen import freeze
+from batchnorm.tools.graph import BATCHNORMS, layer_batchnorm_pairs, trace
 
 __all__ = ["fold"]
 
 
-class _FrozenAffine(nn.Module):
-    """``y = x * scale + shift`` per channel ``axis``: an eval-mode BatchNorm that could not
-    be folded (its input is shared, or no conv/linear produces it)."""
-
-    def __init__(self, scale: Tensor, shift: Tensor, axis: int) -> None:
-        super().__init__()
-        self.register_buffer("scale", scale)
-        self.register_buffer("shift", shift)
-        self.axis = axis
-
-    def forward(self, input: Tensor) -> Tensor:
-        shape = [1] * input.dim()
-        shape[self.axis] = -1
-        return input * self.scale.view(shape) + self.shift.view(shape)
-
-    def extra_repr(self) -> str:
-        return f"{self.scale.numel()}, axis={self.axis}"
-
-
-def _has_running_stats(bn: _BatchNorm) -> bool:
+def _has_running_stats(bn: nn.Module) -> bool:
     return bn.running_mean is not None and bn.running_var is not None
 
 
 @torch.no_grad()
-def _scale_shift(bn: _BatchNorm) -> tuple[Tensor, Tensor]:
-    """The eval-mode BatchNorm as ``(scale, shift)`` in float64."""
+def _scale_shift(bn: nn.Module) -> tuple[Tensor, Tensor]:
+    """The eval-mode BatchNorm (or FrozenBatchNorm) as ``(scale, shift)`` in float64."""
     scale = torch.rsqrt(bn.running_var.double() + bn.eps)
     shift = -bn.running_mean.double() * scale
     if bn.weight is not None:
@@ -59,8 +42,8 @@ def _scale_shift(bn: _BatchNorm) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def _folded(layer: nn.Module, bn: _BatchNorm) -> nn.Module:
-    """A copy of ``layer`` with ``bn`` folded into its weight and bias."""
+def _folded(layer: nn.Module, bn: nn.Module) -> nn.Module:
+    """A copy of ``layer`` with ``bn``'s affine map folded into its weight and bias."""
     scale, shift = _scale_shift(bn)
     weight = layer.weight.double()
     if isinstance(layer, nn.modules.conv._ConvTransposeNd):
@@ -79,51 +62,57 @@ def _folded(layer: nn.Module, bn: _BatchNorm) -> nn.Module:
     return new
 
 
+def _fused_activation(bn: nn.Module) -> nn.Module | None:
+    """The activation a BatchNorm applies after its affine map, as a torch.nn module."""
+    activation = make_activation(getattr(bn, "activation", None),
+                                 getattr(bn, "activation_param", None))
+    return {"identity": None, "relu": nn.ReLU(), "silu": nn.SiLU(),
+            "leaky_relu": nn.LeakyReLU(activation.param),
+            "elu": nn.ELU(activation.param)}[activation.name]
+
+
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent), child, module)
 
 
 def _freeze_remaining(model: nn.Module) -> None:
-    """Every BatchNorm with running statistics left in ``model`` becomes a frozen affine;
+    """Every BatchNorm with running statistics left in ``model`` becomes a FrozenBatchNorm;
     one without them normalizes with batch statistics even in eval, so it stays."""
     for name, module in list(model.named_modules()):
         if not isinstance(module, _BatchNorm):
             continue
-        if not _has_running_stats(module):
+        if _has_running_stats(module):
+            _set_submodule(model, name, freeze(module).eval())
+        else:
             warnings.warn(f"fold: BatchNorm {name!r} has no running statistics "
                           "(track_running_stats=False), so it uses batch statistics in eval "
                           "and was left in place", stacklevel=3)
-            continue
-        scale, shift = _scale_shift(module)
-        dtype = module.running_mean.dtype
-        affine = _FrozenAffine(scale.to(dtype), shift.to(dtype), getattr(module, "axis", 1))
-        if name:
-            _set_submodule(model, name, affine)
 
 
 def fold(model: nn.Module) -> nn.Module:
     """An inference copy of ``model`` with every foldable BatchNorm folded into the
     Conv1d/2d/3d, ConvTranspose1d/2d/3d (grouped too) or Linear layer feeding it.
 
-    A BatchNorm is folded when its only input is such a layer's output, nothing else reads
-    that output and the layer is called once; every other BatchNorm with running
-    statistics becomes a frozen per-channel affine, and one without (``track_running_stats
-    =False``) is left in place with a warning. ``model`` is not modified; the result is in
-    eval mode, a ``torch.fx.GraphModule`` when the model can be traced (else, with a
-    warning, a copy whose BatchNorms are only frozen). Assumes batched input: a Linear's
-    BatchNorm normalizes its last dim."""
+    A BatchNorm (torch.nn's, ours with any variant option, FrozenBatchNorm) is folded when
+    its only input is such a layer's output, nothing else reads that output and the layer
+    is called once; a fused activation stays as a torch.nn activation module. Every other
+    BatchNorm with running statistics becomes a :class:`batchnorm.FrozenBatchNorm2d` (and
+    kin); one without (``track_running_stats=False``) is left in place with a warning.
+    ``model`` is not modified; the result is in eval mode, a ``torch.fx.GraphModule`` when
+    the model can be traced (else, with a warning, a copy whose BatchNorms are only
+    frozen). Assumes batched input: a Linear's BatchNorm normalizes its last dim."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"fold: model must be a torch.nn.Module, got {type(model).__name__}")
-    model = copy.deepcopy(model).eval()
-    if isinstance(model, _BatchNorm):
+    if isinstance(model, BATCHNORMS):
         raise ValueError("fold: model is a single BatchNorm layer; there is nothing to fold "
                          "it into")
+    model = copy.deepcopy(model).eval()
     try:
         graph_module = trace(model)
     except Exception as error:  # fx raises many types on untraceable Python
         warnings.warn(f"fold: could not trace the model with torch.fx ({error}); no "
-                      "BatchNorm was folded, they are replaced by frozen affines",
+                      "BatchNorm was folded, they are replaced by FrozenBatchNorm",
                       stacklevel=2)
         _freeze_remaining(model)
         return model
@@ -133,8 +122,14 @@ def fold(model: nn.Module) -> nn.Module:
         if not pair.exclusive or not _has_running_stats(bn):
             continue
         _set_submodule(graph_module, pair.layer_name, _folded(modules[pair.layer_name], bn))
-        pair.bn_node.replace_all_uses_with(pair.layer_node)
-        graph_module.graph.erase_node(pair.bn_node)
+        activation = _fused_activation(bn)
+        if activation is None:
+            pair.bn_node.replace_all_uses_with(pair.layer_node)
+            graph_module.graph.erase_node(pair.bn_node)
+        else:  # the BatchNorm's call now only applies its activation
+            name = f"{pair.bn_name}_activation".replace(".", "_")
+            graph_module.add_submodule(name, activation)
+            pair.bn_node.target = name
     graph_module.graph.lint()
     graph_module.delete_all_unused_submodules()
     graph_module.recompile()

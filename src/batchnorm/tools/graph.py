@@ -12,6 +12,10 @@ from dataclasses import dataclass
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
+from batchnorm.modules.frozen import FrozenBatchNorm
+
+# Eval-mode BatchNorms: per-channel affine maps once their statistics are fixed.
+BATCHNORMS = (_BatchNorm, FrozenBatchNorm)
 # Layers whose output channels (dim 1 for convs, the last dim for Linear) a BatchNorm
 # that follows them can be folded into.
 FOLDABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
@@ -25,7 +29,7 @@ class NormLeafTracer(fx.Tracer):
     contain Python control flow on shapes, so they must be declared leaves too."""
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return isinstance(module, (_NormBase, nn.GroupNorm, nn.LayerNorm)) or \
+        return isinstance(module, (_NormBase, FrozenBatchNorm, nn.GroupNorm, nn.LayerNorm)) or \
             super().is_leaf_module(module, qualified_name)
 
 
@@ -52,7 +56,7 @@ class LayerBatchNorm:
         return str(self.bn_node.target)
 
 
-def _channel_axis_matches(layer: nn.Module, bn: _BatchNorm) -> bool:
+def _channel_axis_matches(layer: nn.Module, bn: nn.Module) -> bool:
     """Whether the BatchNorm's channel axis is the layer's output-feature dim (assuming
     batched input: dim 1 of a conv output, the last dim of a 2D Linear output)."""
     axis = getattr(bn, "axis", 1)
@@ -66,7 +70,8 @@ def _output_features(layer: nn.Module) -> int:
 
 
 def layer_batchnorm_pairs(graph_module: fx.GraphModule) -> list[LayerBatchNorm]:
-    """Every BatchNorm call fed by a conv/conv-transpose/linear call with matching channels."""
+    """Every BatchNorm call (FrozenBatchNorm too) fed by a conv/conv-transpose/linear call,
+    with matching channels."""
     modules = dict(graph_module.named_modules())
     calls: dict[str, int] = {}
     for node in graph_module.graph.nodes:
@@ -74,7 +79,7 @@ def layer_batchnorm_pairs(graph_module: fx.GraphModule) -> list[LayerBatchNorm]:
             calls[node.target] = calls.get(node.target, 0) + 1
     pairs = []
     for node in graph_module.graph.nodes:
-        if node.op != "call_module" or not isinstance(modules[node.target], _BatchNorm):
+        if node.op != "call_module" or not isinstance(modules[node.target], BATCHNORMS):
             continue
         if len(node.args) != 1 or node.kwargs:
             continue
@@ -100,7 +105,7 @@ def sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
             continue
         children = list(module.named_children())
         for (layer_name, layer), (bn_name, bn) in itertools.pairwise(children):
-            if isinstance(layer, FOLDABLE_LAYERS) and isinstance(bn, _BatchNorm) and \
+            if isinstance(layer, FOLDABLE_LAYERS) and isinstance(bn, BATCHNORMS) and \
                     _output_features(layer) == bn.num_features:
                 prefix = f"{name}." if name else ""
                 pairs.append((prefix + layer_name, prefix + bn_name))
