@@ -177,3 +177,47 @@ def test_statistics_are_merged_across_processes(tmp_path):
         running_mean, running_var = torch.load(tmp_path / f"rank{rank}.pt")
         torch.testing.assert_close(running_mean, data.mean(0), **EXACT)
         torch.testing.assert_close(running_var, data.var(0), **EXACT)
+
+
+def test_recalibration_closes_the_eval_gap_of_momentum_one_on_digits():
+    """BN momentum does not change training, only the running statistics: with momentum 1
+    they are the last batch's, and eval accuracy drops; recalibrated, the two models have
+    identical statistics and accuracy again (scikit-learn digits, batches of 8)."""
+    from batchnorm.data import load_split
+
+    data = load_split("digits")
+
+    def train(momentum: float) -> nn.Module:
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            nn.Flatten(), nn.Linear(64, 32, bias=False),
+            batchnorm.BatchNorm1d(32, momentum=momentum),
+            nn.ReLU(), nn.Linear(32, 32, bias=False), nn.BatchNorm1d(32, momentum=momentum),
+            nn.ReLU(), nn.Linear(32, 10))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+        generator = torch.Generator().manual_seed(1)
+        for _ in range(300):
+            index = torch.randint(len(data.train_x), (8,), generator=generator)
+            loss = nn.functional.cross_entropy(model(data.train_x[index]), data.train_y[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        return model.eval()
+
+    def accuracy(model: nn.Module) -> float:
+        with torch.no_grad():
+            return (model(data.val_x).argmax(1) == data.val_y).double().mean().item()
+
+    def training_batches():
+        generator = torch.Generator().manual_seed(2)
+        while True:
+            yield data.train_x[torch.randint(len(data.train_x), (8,), generator=generator)]
+
+    healthy, too_high = train(0.1), train(1.0)
+    before = accuracy(too_high)
+    assert before < accuracy(healthy) - 0.1  # the gap: over 10 points on this seed
+    for model in (healthy, too_high):
+        recalibrate(model, training_batches(), num_batches=100)
+    for recalibrated, reference in zip(too_high.buffers(), healthy.buffers(), strict=True):
+        assert torch.equal(recalibrated, reference)
+    assert accuracy(too_high) == accuracy(healthy) > before + 0.1
