@@ -94,6 +94,7 @@ def plot(results: dict[str, Any], out: Path) -> list[str]:
                   label=f"{name}, running statistics")
         axis.plot(results["epochs"], results["val_acc_recalibrated"][name], marker="x",
                   linestyle="--", color=color, label=f"{name}, recalibrated")
+    axis.set_xticks(results["epochs"])
     axis.set_xlabel("epoch")
     axis.set_ylabel("validation accuracy (eval mode)")
     axis.legend(fontsize="small")
