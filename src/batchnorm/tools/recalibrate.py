@@ -95,9 +95,10 @@ def recalibrate(model: nn.Module, batches: Iterable[object], num_batches: int = 
     becomes the mean of all values a layer saw and ``running_var`` their unbiased variance
     ``M2 / (count - 1)`` — the same convention as torch's per-batch update. With
     torch.distributed initialized, the statistics are merged over ``process_group``
-    (every process must call this with the same ``num_batches``), which is what
-    SyncBatchNorm needs. Training mode and momentum are restored afterwards;
-    ``num_batches_tracked`` counts the batches run. Returns ``model``."""
+    (every process must call this; with SyncBatchNorm, whose forward synchronizes, over
+    the same number of batches), which is what SyncBatchNorm needs. Training mode and
+    momentum are restored afterwards; ``num_batches_tracked`` counts the batches run.
+    Returns ``model``."""
     if not isinstance(model, nn.Module):
         raise TypeError("recalibrate: model must be a torch.nn.Module, got "
                         f"{type(model).__name__}")
