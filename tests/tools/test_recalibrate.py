@@ -6,15 +6,13 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-import os
 import socket
-from datetime import timedelta
-from pathlib import Path
+import time
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
+from recalibrate_workers import recalibrate_shard
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -156,23 +154,16 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _recalibrate_on_rank(rank: int, world_size: int, port: int, data: torch.Tensor,
-                         out_dir: Path) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=60))
-    try:
-        bn = nn.BatchNorm1d(3).double()
-        shard = data[rank::world_size]  # uneven: ranks see different batch counts
-        recalibrate(bn, list(shard.split(3 + rank)))
-        torch.save((bn.running_mean, bn.running_var), out_dir / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
 def test_statistics_are_merged_across_processes(tmp_path):
     data = torch.randn(41, 3, dtype=torch.float64) * 2 + torch.arange(41.0)[:, None] / 10
-    mp.spawn(_recalibrate_on_rank, args=(2, _free_port(), data, tmp_path), nprocs=2)
+    context = mp.start_processes(recalibrate_shard, args=(2, _free_port(), data, tmp_path),
+                                 nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + 120  # a hung collective must fail, not hang the suite
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("recalibrate across 2 processes did not finish in 120 s")
     for rank in (0, 1):
         running_mean, running_var = torch.load(tmp_path / f"rank{rank}.pt")
         torch.testing.assert_close(running_mean, data.mean(0), **EXACT)
