@@ -185,3 +185,10 @@ def test_bad_arguments_raise_clear_errors(healthy):
     with pytest.raises(RuntimeError, match="the model failed on the given batch"):
         doctor(model, torch.randn(2, 3, 8, 8))
     assert not model.training
+
+
+def test_unbuilt_lazy_batchnorm_is_skipped_without_a_batch_and_checked_with_one():
+    model = nn.Sequential(nn.Linear(4, 3, bias=False), batchnorm.LazyBatchNorm1d()).eval()
+    assert doctor(model) == []
+    findings = doctor(model, torch.randn(8, 4))
+    assert codes(findings) == {("few-values-per-channel", "1")}

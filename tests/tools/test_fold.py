@@ -245,3 +245,11 @@ def test_frozen_batchnorm_after_a_conv_folds():
     folded = assert_folds_exactly(model, torch.randn(3, 3, 8, 8, dtype=torch.float64), F64)
     assert count(folded, batchnorm.FrozenBatchNorm) == 0
     assert count(folded, nn.ReLU) == 1
+
+
+def test_fold_asks_for_a_forward_pass_before_folding_a_lazy_model():
+    model = nn.Sequential(nn.LazyConv2d(4, 3), batchnorm.LazyBatchNorm2d())
+    with pytest.raises(ValueError, match=r"'0.weight' is uninitialized .lazy module.; run one"):
+        fold(model)
+    model(torch.randn(2, 3, 5, 5))
+    assert_folds_exactly(model.eval(), torch.randn(2, 3, 5, 5), F32)

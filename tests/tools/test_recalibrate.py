@@ -212,3 +212,14 @@ def test_recalibration_closes_the_eval_gap_of_momentum_one_on_digits():
     for recalibrated, reference in zip(too_high.buffers(), healthy.buffers(), strict=True):
         assert torch.equal(recalibrated, reference)
     assert accuracy(too_high) == accuracy(healthy) > before + 0.1
+
+
+def test_lazy_batchnorm_is_initialized_by_the_first_batch_and_recalibrated():
+    model = nn.Sequential(nn.Linear(4, 3), batchnorm.LazyBatchNorm1d()).double()
+    batches = uneven_batches((4,), sizes=(6, 11))
+    recalibrate(model, batches)
+    with torch.no_grad():
+        mean, var = population([model[0](torch.cat(batches))])
+    assert isinstance(model[1], batchnorm.BatchNorm1d)
+    torch.testing.assert_close(model[1].running_mean, mean, **EXACT)
+    torch.testing.assert_close(model[1].running_var, var, **EXACT)

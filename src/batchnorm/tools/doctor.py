@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.parameter import is_lazy
 
 from batchnorm.tools.graph import layer_batchnorm_pairs, sequential_pairs, trace
 
@@ -218,18 +219,20 @@ def doctor(model: nn.Module, batch: Tensor | tuple[Tensor, ...] | None = None,
     ``batch`` (an input, or ``(input, target)``, the size of a training batch): fewer than
     :data:`FEW_VALUES_PER_CHANNEL` values per channel and a train/eval gap between running
     and batch statistics; the model runs once in eval mode, buffers unchanged. With
-    ``optimizer``: weight decay on BatchNorm parameters."""
+    ``optimizer``: weight decay on BatchNorm parameters. A lazy layer that has not seen
+    input yet is only checked on ``batch`` (which initializes it)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"doctor: model must be a torch.nn.Module, got {type(model).__name__}")
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError("doctor: optimizer must be a torch.optim.Optimizer, got "
                         f"{type(optimizer).__name__}")
     layers = _batchnorms(model)
-    findings = [*_check_stats_never_updated(layers), *_check_train_mode(model, layers),
-                *_check_frozen_params(layers), *_check_half_stats(layers),
+    built = {name: bn for name, bn in layers.items() if not is_lazy(bn.running_mean)}
+    findings = [*_check_stats_never_updated(built), *_check_train_mode(model, layers),
+                *_check_frozen_params(built), *_check_half_stats(built),
                 *_check_redundant_bias(model)]
     if optimizer is not None:
-        findings += _check_weight_decay(layers, optimizer)
+        findings += _check_weight_decay(built, optimizer)
     if batch is not None:
         findings += _check_batch(model, layers, batch)
     return findings

@@ -16,6 +16,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.parameter import is_lazy
 
 from batchnorm.core.activation import make_activation
 from batchnorm.modules.frozen import freeze
@@ -107,6 +108,11 @@ def fold(model: nn.Module) -> nn.Module:
     if isinstance(model, BATCHNORMS):
         raise ValueError("fold: model is a single BatchNorm layer; there is nothing to fold "
                          "it into")
+    unbuilt = [name for name, tensor in (*model.named_parameters(), *model.named_buffers())
+               if is_lazy(tensor)]
+    if unbuilt:
+        raise ValueError(f"fold: {unbuilt[0]!r} is uninitialized (lazy module); run one "
+                         "forward pass before folding")
     model = copy.deepcopy(model).eval()
     try:
         graph_module = trace(model)

@@ -9,6 +9,7 @@ buffers by the exact statistics of every value it saw.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import warnings
 from collections.abc import Iterable
@@ -17,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.parameter import is_lazy
 
 __all__ = ["PopulationMoments", "recalibrate"]
 
@@ -111,15 +113,19 @@ def recalibrate(model: nn.Module, batches: Iterable[object], num_batches: int = 
         warnings.warn("recalibrate: the model has no BatchNorm with running statistics; "
                       "nothing to do", stacklevel=2)
         return model
-    moments = {name: PopulationMoments(module.running_mean.numel(),
-                                            module.running_mean.device)
-               for name, module in layers.items()}
+    moments: dict[str, PopulationMoments] = {}
+
+    def record(name: str, module: _BatchNorm, args: tuple[Tensor, ...]) -> None:
+        input = args[0]
+        axis = getattr(module, "axis", 1) % input.dim()
+        if name not in moments:  # sized here: a lazy layer knows its channels only now
+            moments[name] = PopulationMoments(input.shape[axis], input.device)
+        moments[name].update(input, axis)
+
     modes = {module: module.training for module in model.modules()}
     momenta = {name: module.momentum for name, module in layers.items()}
-    handles = [module.register_forward_pre_hook(
-        lambda module, args, name=name: moments[name].update(
-            args[0], getattr(module, "axis", 1) % args[0].dim()))
-        for name, module in layers.items()]
+    handles = [module.register_forward_pre_hook(functools.partial(record, name))
+               for name, module in layers.items()]
     device = _device(model)
     seen = 0
     try:
@@ -141,7 +147,12 @@ def recalibrate(model: nn.Module, batches: Iterable[object], num_batches: int = 
         raise ValueError("recalibrate: batches yielded no batch")
     distributed = dist.is_available() and dist.is_initialized()
     for name, module in layers.items():
-        population = moments[name]
+        if is_lazy(module.running_mean):
+            warnings.warn(f"recalibrate: lazy BatchNorm {name!r} was never called, so it "
+                          "has no running statistics to set", stacklevel=2)
+            continue
+        population = moments.get(name) or PopulationMoments(module.running_mean.numel(),
+                                                             module.running_mean.device)
         if distributed:
             population.all_reduce(process_group)
         if population.count < 2:
