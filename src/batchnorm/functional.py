@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from batchnorm.core.activation import make_activation
-from batchnorm.core.layout import channel_view, group_view, row_view
+from batchnorm.core.layout import View, channel_view, group_view, row_view
 from batchnorm.core.policy import StatsReducer, normalize_view
 from batchnorm.core.spec import NormSpec
 from batchnorm.kernels import reference
@@ -39,6 +39,14 @@ def _normalize_axis(axis: int, ndim: int) -> int:
         raise IndexError(f"axis must be in [{-ndim}, {ndim - 1}] for a {ndim}D input, "
                          f"got {axis}")
     return axis % ndim
+
+
+def _normalize_per_sample(view: View, weight: Tensor | None, bias: Tensor | None,
+                          eps: float) -> Tensor:
+    """GroupNorm and LayerNorm: statistics of the input itself, never running ones."""
+    _check_eps(eps, training=False)
+    spec = NormSpec(view.reduce_dims, view.param_shape, eps)
+    return normalize_view(view, spec, weight, bias, use_batch_stats=True)
 
 
 def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
@@ -109,12 +117,16 @@ def group_norm(input: Tensor, num_groups: int, weight: Tensor | None = None,
         raise RuntimeError("Expected number of channels in input to be divisible by "
                            f"num_groups, but got input of shape {list(input.shape)} and "
                            f"num_groups={num_groups}")
+    group_batch = [input.shape[0] * channels // num_groups, num_groups, *input.shape[2:]]
+    if math.prod(group_batch) // num_groups == 1:
+        raise ValueError("Expected more than 1 value per channel when training, got input "
+                         f"size {group_batch}")
     for name, tensor in (("weight", weight), ("bias", bias)):
-        _check_per_channel(name, tensor, channels)
-    _check_eps(eps, training=False)
-    view = group_view(input, num_groups)
-    spec = NormSpec(view.reduce_dims, view.param_shape, eps)
-    return normalize_view(view, spec, weight, bias, use_batch_stats=True)
+        if tensor is not None and (tensor.dim() != 1 or tensor.numel() != channels):
+            raise RuntimeError(f"Expected {name} to be a vector of size equal to the number "
+                               f"of channels in input, but got {name} of shape "
+                               f"{list(tensor.shape)} and input of shape {list(input.shape)}")
+    return _normalize_per_sample(group_view(input, num_groups), weight, bias, eps)
 
 
 def layer_norm(input: Tensor, normalized_shape: Sequence[int] | int,
@@ -126,16 +138,13 @@ def layer_norm(input: Tensor, normalized_shape: Sequence[int] | int,
     if ndim == 0 or input.dim() < ndim or tuple(input.shape[input.dim() - ndim:]) != shape:
         raise RuntimeError(f"Given normalized_shape={list(shape)}, expected input with shape "
                            f"[*, {', '.join(map(str, shape))}], but got input of size"
-                           f"{input.size()}")
+                           f"{list(input.shape)}")
     for name, tensor in (("weight", weight), ("bias", bias)):
         if tensor is not None and tuple(tensor.shape) != shape:
             raise RuntimeError(f"Expected {name} to be of same shape as normalized_shape, "
                                f"but got {name} of shape {list(tensor.shape)} and "
                                f"normalized_shape = {list(shape)}")
-    _check_eps(eps, training=False)
-    view = row_view(input, ndim)
-    spec = NormSpec(view.reduce_dims, view.param_shape, eps)
-    return normalize_view(view, spec, weight, bias, use_batch_stats=True)
+    return _normalize_per_sample(row_view(input, ndim), weight, bias, eps)
 
 
 def moments(x: Tensor, dims: int | Sequence[int], correction: int = 0,
