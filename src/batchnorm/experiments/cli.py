@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
+from batchnorm.data import DataFallbackWarning, Split, default_data_dir, load_split
 from batchnorm.experiments.base import run_experiment
 from batchnorm.experiments.registry import EXPERIMENTS
-
-if TYPE_CHECKING:
-    from batchnorm.data import Split
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,12 +27,15 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_data(dataset: str, data_dir: Path | None) -> Split:
-    """The split to train on; falls back to the bundled digits when the files are missing."""
-    from batchnorm.data import load_split
-
-    data = load_split(dataset, data_dir=data_dir, download=False, fallback=True)
-    if data.name != dataset:
-        print(f"{dataset} not found; using {data.name} instead. {data.note}")
+    """The split to train on; the bundled digits when the dataset's files are missing.
+    Without ``data_dir``: ``$BATCHNORM_DATA``, else ``../shared/data`` when it exists."""
+    if data_dir is None:
+        shared = Path("..") / "shared" / "data"
+        data_dir = default_data_dir(default=shared if shared.is_dir() else None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataFallbackWarning)  # its note is printed below
+        data = load_split(dataset, data_dir=data_dir, download=False, fallback=True)
+    print(f"data: {data.name} from {data.source}" + (f" ({data.note})" if data.note else ""))
     return data
 
 

@@ -62,9 +62,9 @@ class BatchSampler:
     sequence of batches."""
 
     def __init__(self, size: int, batch_size: int, seed: int, replacement: bool) -> None:
-        if not 0 < batch_size <= size:
-            raise ValueError(f"batch_size must be in [1, {size}] (the training set size), "
-                             f"got {batch_size}")
+        if batch_size < 1 or (batch_size > size and not replacement):
+            raise ValueError(f"batch_size must be in [1, {size}] (the training set size) "
+                             f"unless drawn with replacement, got {batch_size}")
         self.size, self.batch_size, self.replacement = size, batch_size, replacement
         self.generator = torch.Generator().manual_seed(seed)
         self.order = torch.empty(0, dtype=torch.long)

@@ -12,7 +12,8 @@ from functools import partial
 
 import torch
 from torch import Tensor, nn
-from torch import nn as layers  # the normalization layers under test
+
+import batchnorm as layers  # the normalization layers under test
 
 NORM_METHODS = ("bn", "renorm", "ghost", "gn", "ln", "in")
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
