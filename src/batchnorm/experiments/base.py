@@ -73,8 +73,9 @@ def run_experiment(experiment: Experiment, out_dir: str | os.PathLike[str], *,
     if runs:
         histories = train_runs(runs, data.train_x, data.train_y, out / CHECKPOINT, header,
                                progress=progress, desc=experiment.name, on_record=on_record)
-    results = {**header, **experiment.report(config, histories, seed)}
-    write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
+    text = json.dumps({**header, **experiment.report(config, histories, seed)}, indent=2)
+    write_text_atomic(out / "results.json", text + "\n")
+    results = json.loads(text)  # what readers of results.json see: lists, not tuples
     figures = experiment.plot(results, out)
     data_line = "" if data is None else f"Data: {data.name} ({data.source}). {data.note}\n\n"
     summary = (f"# {experiment.name}\n\n{experiment.description}\n\n{data_line}"
