@@ -8,14 +8,14 @@ the canonical view whose reduced dims define it, and hands over to
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from batchnorm.core.activation import make_activation
 from batchnorm.core.layout import View, channel_view, group_view, row_view
-from batchnorm.core.policy import StatsReducer, normalize_view
+from batchnorm.core.policy import Renorm, StatsReducer, normalize_view
 from batchnorm.core.spec import NormSpec
 from batchnorm.kernels import reference
 
@@ -41,6 +41,52 @@ def _normalize_axis(axis: int, ndim: int) -> int:
     return axis % ndim
 
 
+def check_ghost_batch_size(ghost_batch_size: int | None) -> None:
+    """A ghost batch needs at least two samples to have a variance."""
+    if ghost_batch_size is not None and (not isinstance(ghost_batch_size, int)
+                                         or isinstance(ghost_batch_size, bool)
+                                         or ghost_batch_size < 2):
+        raise ValueError("ghost_batch_size must be None or an integer >= 2, got "
+                         f"{ghost_batch_size!r}")
+
+
+def _ghost_rows(view_rows: int, batch: int, ghost_batch_size: int, axis: int) -> int:
+    """Rows of the canonical view per ghost batch; every chunk must hold two samples."""
+    if axis == 0:
+        raise ValueError("ghost_batch_size splits dim 0 (the batch), which cannot also be the "
+                         "channel axis; got axis=0")
+    if batch % ghost_batch_size == 1:
+        raise ValueError(f"ghost_batch_size={ghost_batch_size} splits a batch of N={batch} "
+                         "samples into chunks whose last one has 1 sample; a ghost batch needs "
+                         "at least 2 samples: use a ghost_batch_size that leaves no single "
+                         "sample (e.g. a divisor of N) or drop the incomplete last batch")
+    return view_rows // batch * ghost_batch_size
+
+
+def _renorm_policy(training: bool, renorm: bool, renorm_clipping: Mapping[str, float] | None,
+                   running_mean: Tensor | None, running_var: Tensor | None,
+                   renorm_mean: Tensor | None, renorm_var: Tensor | None,
+                   renorm_momentum: float, channels: int) -> Renorm | None:
+    if not renorm:
+        if renorm_clipping is not None or renorm_mean is not None or renorm_var is not None:
+            raise ValueError("renorm_clipping, renorm_mean and renorm_var need renorm=True")
+        return None
+    policy = Renorm.from_clipping(renorm_clipping, mean=renorm_mean, var=renorm_var,
+                                  momentum=renorm_momentum)
+    if not training:
+        return None
+    if (renorm_mean is None) != (renorm_var is None):
+        raise ValueError("renorm_mean and renorm_var must be given together, got "
+                         f"renorm_mean={type(renorm_mean).__name__}, "
+                         f"renorm_var={type(renorm_var).__name__}")
+    for name, tensor in (("renorm_mean", renorm_mean), ("renorm_var", renorm_var)):
+        _check_per_channel(name, tensor, channels)
+    if renorm_mean is None and (running_mean is None or running_var is None):
+        raise ValueError("renorm=True measures r and d against running_mean and running_var "
+                         "(or renorm_mean and renorm_var), but they were not given")
+    return policy
+
+
 def _normalize_per_sample(view: View, weight: Tensor | None, bias: Tensor | None,
                           eps: float) -> Tensor:
     """GroupNorm and LayerNorm: statistics of the input itself, never running ones."""
@@ -53,10 +99,19 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
                weight: Tensor | None = None, bias: Tensor | None = None,
                training: bool = False, momentum: float = 0.1, eps: float = 1e-5, *,
                axis: int = 1, activation: str | None = None,
-               activation_param: float | None = None,
+               activation_param: float | None = None, ghost_batch_size: int | None = None,
+               renorm: bool = False, renorm_clipping: Mapping[str, float] | None = None,
+               renorm_mean: Tensor | None = None, renorm_var: Tensor | None = None,
+               renorm_momentum: float = 0.1,
                reducer: StatsReducer | None = None) -> Tensor:
     """Batch normalization over every dim but ``axis`` (the channel axis; ``-1`` for
-    channels-last / TensorFlow layout), optionally followed by a fused activation."""
+    channels-last / TensorFlow layout), optionally followed by a fused activation.
+
+    In training, ``ghost_batch_size`` normalizes each chunk of that many samples (dim 0)
+    with its own statistics; ``renorm=True`` applies Batch Renormalization with r and d
+    clipped by ``renorm_clipping`` and measured against ``renorm_mean``/``renorm_var``
+    (updated with ``renorm_momentum``) or, when those are None, the running statistics.
+    See :class:`batchnorm.core.policy.Renorm`. Both are ignored in eval mode."""
     if input.dim() < 2 and axis == 1:
         raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
     axis = _normalize_axis(axis, input.dim())
@@ -72,12 +127,20 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
     elif running_mean is None or running_var is None:
         raise ValueError("running_mean and running_var must be given when training=False")
     _check_eps(eps, training)
+    check_ghost_batch_size(ghost_batch_size)
+    renorm_policy = _renorm_policy(training, renorm, renorm_clipping, running_mean,
+                                   running_var, renorm_mean, renorm_var, renorm_momentum,
+                                   channels)
     view = channel_view(input, axis)
     spec = NormSpec(view.reduce_dims, view.param_shape, eps,
                     make_activation(activation, activation_param))
+    ghost_rows = None
+    if training and ghost_batch_size is not None and input.shape[0] > 0:
+        ghost_rows = _ghost_rows(view.x.shape[0], input.shape[0], ghost_batch_size, axis)
     return normalize_view(view, spec, weight, bias, use_batch_stats=training,
                           running_mean=running_mean, running_var=running_var,
-                          momentum=momentum, reducer=reducer)
+                          momentum=momentum, reducer=reducer, ghost_rows=ghost_rows,
+                          renorm=renorm_policy)
 
 
 def instance_norm(input: Tensor, running_mean: Tensor | None = None,

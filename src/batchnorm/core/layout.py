@@ -4,6 +4,8 @@ Per-channel statistics (BatchNorm):  ``(P, C, Q)`` contiguous, reduced over (0, 
 ``(M, C)`` channels-last, reduced over (0,).  Per-sample-group statistics (GroupNorm,
 InstanceNorm with G = C): ``(N, G, C/G, L)`` reduced over (2, 3), or channels-last
 ``(N, L, G, C/G)`` reduced over (1, 3).  Rows (LayerNorm): ``(R, K)`` reduced over (1,).
+Ghost batches split a per-channel view's leading dim once more: ``(chunks, P / chunks, C, Q)``
+or ``(chunks, M / chunks, C)``, reduced over the same dims shifted by one.
 Views are taken without copying whenever the input's memory allows it.
 """
 
@@ -51,14 +53,26 @@ def channel_view(x: Tensor, axis: int) -> View:
                 lambda y: y.view(x.shape))
 
 
-def ghost_view(view: View, chunks: int) -> View:
-    """Split a per-channel view's leading (batch-major) dim into ``chunks`` ghost batches,
-    each with statistics of its own: ``(P, ...)`` becomes ``(chunks, P / chunks, ...)``."""
+def ghost_views(view: View, rows_per_chunk: int) -> tuple[View, ...]:
+    """Ghost batches of a per-channel view: its leading (batch-major) dim in chunks of
+    ``rows_per_chunk`` rows, each chunk with statistics of its own.
+
+    The whole chunks form one ``(chunks, rows_per_chunk, ...)`` view, so that one kernel
+    call reduces all of them; a shorter last chunk, when the rows do not divide, is a second
+    ``(1, rest, ...)`` view. Each view restores to its own slice of ``view.x``."""
     x = view.x
-    split = x.view(chunks, x.shape[0] // chunks, *x.shape[1:])
+    rows = x.shape[0]
+    whole = rows - rows % rows_per_chunk
     reduce_dims = tuple(d + 1 for d in view.reduce_dims)
-    return View(split, reduce_dims, (1, *view.param_shape),
-                lambda y: view.restore(y.view(x.shape)))
+    param_shape = (1, *view.param_shape)
+    views = []
+    for part, chunk_rows in ((x[:whole], rows_per_chunk), (x[whole:], rows - whole)):
+        if chunk_rows == 0 or part.shape[0] == 0:
+            continue
+        views.append(View(part.view(part.shape[0] // chunk_rows, chunk_rows, *x.shape[1:]),
+                          reduce_dims, param_shape,
+                          lambda y, shape=part.shape: y.view(shape)))
+    return tuple(views)
 
 
 def group_view(x: Tensor, groups: int) -> View:

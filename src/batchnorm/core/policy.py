@@ -1,8 +1,12 @@
-"""Where the statistics come from: the batch (optionally merged across processes) or the
-running buffers, and how the running buffers follow the batch."""
+"""Where the statistics come from: the batch (optionally merged across processes, or split
+into ghost batches), corrected toward the running statistics (Batch Renormalization), or
+the running buffers; and how the running buffers follow the batch."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 import torch
@@ -10,7 +14,7 @@ from torch import Tensor
 
 from batchnorm import kernels
 from batchnorm.core.autograd import GradientReducer, normalize
-from batchnorm.core.layout import View
+from batchnorm.core.layout import View, ghost_views
 from batchnorm.core.spec import NormSpec
 
 
@@ -32,23 +36,93 @@ def batch_moments(view: View, spec: NormSpec, reducer: StatsReducer | None = Non
     return mean, var, count
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Renorm:
+    """Batch Renormalization (Ioffe, 2017, arXiv:1702.03275) as a statistics policy.
+
+    Training output ``gamma * (x_hat * r + d) + beta``, x_hat from the batch statistics, with
+
+        r = clip(sqrt(var_B + eps) / sqrt(var + eps), rmin, rmax)
+        d = clip((mean_B - mean) / sqrt(var + eps), -dmax, dmax)
+
+    against ``mean``/``var`` (the running statistics when None, else buffers of their own
+    that follow the batch with ``momentum``) as they were before this step's update.
+    r and d carry no gradient; they fold into the affine step, ``weight' = weight * r``,
+    ``bias' = bias + weight * d``, so the normalize kernels stay the same.
+    """
+
+    rmax: float = math.inf
+    rmin: float = 0.0
+    dmax: float = math.inf
+    mean: Tensor | None = None
+    var: Tensor | None = None
+    momentum: float = 0.0
+
+    @classmethod
+    def from_clipping(cls, clipping: Mapping[str, float] | None, **fields: object) -> Renorm:
+        """Validated limits from ``{"rmax":..., "rmin":..., "dmax":...}`` (any subset;
+        missing ones do not clip, as in TensorFlow's ``renorm_clipping``)."""
+        clipping = {} if clipping is None else clipping
+        if not isinstance(clipping, Mapping):
+            raise TypeError("renorm_clipping must be a mapping with keys among "
+                            f"('rmax', 'rmin', 'dmax'), got {clipping!r}")
+        unknown = sorted(set(clipping) - {"rmax", "rmin", "dmax"})
+        if unknown:
+            raise ValueError("renorm_clipping keys must be among ('rmax', 'rmin', 'dmax'), "
+                             f"got {unknown}")
+        limits = {key: float(value) for key, value in clipping.items()}
+        renorm = cls(**limits, **fields)
+        if not (0.0 <= renorm.rmin <= 1.0 <= renorm.rmax):
+            raise ValueError("renorm_clipping must have 0 <= rmin <= 1 <= rmax, got "
+                             f"rmin={renorm.rmin}, rmax={renorm.rmax}")
+        if not renorm.dmax >= 0.0:
+            raise ValueError(f"renorm_clipping dmax must be >= 0, got {renorm.dmax}")
+        return renorm
+
+    @torch.no_grad()
+    def correction(self, batch_mean: Tensor, batch_var: Tensor, mean: Tensor, var: Tensor,
+                   eps: float) -> tuple[Tensor, Tensor]:
+        """r and d for batch statistics against ``mean``/``var`` (float32 or wider)."""
+        sigma = torch.sqrt(var + eps)
+        r = (torch.sqrt(batch_var + eps) / sigma).clamp(self.rmin, self.rmax)
+        d = ((batch_mean - mean) / sigma).clamp(-self.dmax, self.dmax)
+        return r, d
+
+
 @torch.no_grad()
 def update_running_stats(running_mean: Tensor | None, running_var: Tensor | None, mean: Tensor,
-                         var: Tensor, count: int, momentum: float) -> None:
+                         var: Tensor, count: int | Sequence[int], momentum: float) -> None:
     """``running = (1 - momentum) * running + momentum * batch`` with the unbiased variance.
 
-    Statistics of several groups per channel (ghost batches, instances) are averaged
-    first. Non-finite statistics raise instead of poisoning the buffers."""
+    Statistics of several groups per channel (ghost batches, instances) of ``count`` values
+    each are averaged first: the mean of the group means and the mean of their unbiased
+    variances. Groups of different sizes (``count`` per group) are pooled:
+    ``sum(n_g * mean_g) / sum(n_g)`` and ``sum(n_g * var_g) / sum(n_g - 1)``.
+    Non-finite statistics, or values a float16 buffer cannot hold, raise instead of
+    poisoning the buffers."""
     channels = (running_mean if running_mean is not None else running_var).numel()
-    mean = mean.reshape(-1, channels).mean(0)
-    var = var.reshape(-1, channels).mean(0) * (count / (count - 1))
+    mean, var = mean.reshape(-1, channels), var.reshape(-1, channels)
+    if isinstance(count, int):
+        mean, var = mean.mean(0), var.mean(0) * (count / (count - 1))
+    else:
+        counts = torch.tensor(count, dtype=mean.dtype, device=mean.device).unsqueeze(1)
+        total = counts.sum()
+        mean = (counts * mean).sum(0) / total
+        var = (counts * var).sum(0) / (total - len(count))
     if not (torch.isfinite(mean).all() and torch.isfinite(var).all()):
         raise ValueError("input contains NaN or infinity: batch statistics are not finite, "
                          "so the running statistics were left unchanged")
-    if running_mean is not None:
-        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-    if running_var is not None:
-        running_var.lerp_(var.to(running_var.dtype), momentum)
+    updates = [(name, running, torch.lerp(running.to(batch.dtype), batch, momentum))
+               for name, running, batch in (("running_mean", running_mean, mean),
+                                            ("running_var", running_var, var))
+               if running is not None]
+    for name, running, updated in updates:
+        if not torch.isfinite(updated.to(running.dtype)).all():
+            raise ValueError(f"{name} overflows its {running.dtype} buffer (new values up to "
+                             f"{updated.abs().max().item():.4g}); keep the layer's buffers in "
+                             "float32, e.g. with torch.autocast instead of .half()")
+    for _, running, updated in updates:
+        running.copy_(updated)
 
 
 def _as_stat(running: Tensor, spec: NormSpec) -> Tensor:
@@ -56,27 +130,82 @@ def _as_stat(running: Tensor, spec: NormSpec) -> Tensor:
     return running.reshape(spec.param_shape).to(dtype)
 
 
-def normalize_view(view: View, spec: NormSpec, weight: Tensor | None, bias: Tensor | None, *,
-                   use_batch_stats: bool, running_mean: Tensor | None = None,
-                   running_var: Tensor | None = None, momentum: float = 0.1,
-                   reducer: StatsReducer | None = None) -> Tensor:
-    """stats -> policy -> normalize -> affine/activation, on a canonical view."""
+def _renormalized_affine(weight: Tensor | None, bias: Tensor | None, r: Tensor, d: Tensor
+                         ) -> tuple[Tensor, Tensor]:
+    """``gamma * (x_hat * r + d) + beta`` as ``x_hat * weight' + bias'``; differentiable in
+    weight and bias, so that dgamma = sum(dy * (x_hat * r + d)) and dx sees weight * r."""
+    if weight is None:
+        return r, d if bias is None else bias + d
+    return weight * r, weight * d if bias is None else bias + weight * d
+
+
+def _normalize_batch(views: tuple[View, ...], spec: NormSpec, weight: Tensor | None,
+                     bias: Tensor | None, running_mean: Tensor | None,
+                     running_var: Tensor | None, momentum: float,
+                     reducer: StatsReducer | None, renorm: Renorm | None) -> list[Tensor]:
+    """Normalize each view with its own batch statistics (one view, or the ghost chunks);
+    the running statistics follow all of them at once, after renorm has measured r and d."""
+    spec = dataclasses.replace(spec, reduce_dims=views[0].reduce_dims,
+                               param_shape=views[0].param_shape)
     if weight is not None:
         weight = weight.reshape(spec.param_shape)
     if bias is not None:
         bias = bias.reshape(spec.param_shape)
-    if view.x.numel() == 0 and reducer is None:
+    stats = [batch_moments(view, spec, reducer) for view in views]
+    affine = [(weight, bias)] * len(views)
+    if renorm is not None:
+        reference_mean = _as_stat(renorm.mean if renorm.mean is not None else running_mean,
+                                  spec)
+        reference_var = _as_stat(renorm.var if renorm.var is not None else running_var, spec)
+        affine = [_renormalized_affine(weight, bias, *renorm.correction(
+            mean, var, reference_mean, reference_var, spec.eps)) for mean, var, _ in stats]
+    counts = [count for _, _, count in stats]
+    if min(counts) > 1:
+        mean = torch.cat([mean.reshape(-1) for mean, _, _ in stats])
+        var = torch.cat([var.reshape(-1) for _, var, _ in stats])
+        group_counts = counts[0] if len(views) == 1 else \
+            [count for view, count in zip(views, counts, strict=True)
+             for _ in range(view.x.shape[0])]
+        if running_mean is not None or running_var is not None:
+            update_running_stats(running_mean, running_var, mean, var, group_counts, momentum)
+        if renorm is not None and renorm.mean is not None:
+            update_running_stats(renorm.mean, renorm.var, mean, var, group_counts,
+                                 renorm.momentum)
+    return [normalize(view.x, mean, var, w, b,
+                      spec if w is None else dataclasses.replace(spec, param_shape=w.shape),
+                      batch_stats=True, count=count, reducer=reducer)
+            for view, (mean, var, count), (w, b) in zip(views, stats, affine, strict=True)]
+
+
+def normalize_view(view: View, spec: NormSpec, weight: Tensor | None, bias: Tensor | None, *,
+                   use_batch_stats: bool, running_mean: Tensor | None = None,
+                   running_var: Tensor | None = None, momentum: float = 0.1,
+                   reducer: StatsReducer | None = None, ghost_rows: int | None = None,
+                   renorm: Renorm | None = None) -> Tensor:
+    """stats -> policy -> normalize -> affine/activation, on a canonical view.
+
+    With batch statistics, ``ghost_rows`` splits the view's leading dim into ghost batches
+    of that many rows (per process: the reducer then plays no part) and ``renorm`` applies
+    Batch Renormalization."""
+    if ghost_rows is not None:
+        reducer = None
+    if use_batch_stats and (view.x.numel() > 0 or reducer is not None):
+        if ghost_rows is None:
+            return view.restore(_normalize_batch((view,), spec, weight, bias, running_mean,
+                                                 running_var, momentum, reducer, renorm)[0])
+        chunks = ghost_views(view, ghost_rows)
+        ys = _normalize_batch(chunks, spec, weight, bias, running_mean, running_var, momentum,
+                              None, renorm)
+        parts = [chunk.restore(y) for chunk, y in zip(chunks, ys, strict=True)]
+        return view.restore(torch.cat(parts) if len(parts) > 1 else parts[0])
+    if weight is not None:
+        weight = weight.reshape(spec.param_shape)
+    if bias is not None:
+        bias = bias.reshape(spec.param_shape)
+    if view.x.numel() == 0:
         dtype = kernels.reference.accumulation_dtype(view.x.dtype)
-        zeros = view.x.new_zeros(spec.param_shape, dtype=dtype)
-        return view.restore(normalize(view.x, zeros, zeros + 1, weight, bias, spec,
-                                      batch_stats=False))
-    if use_batch_stats:
-        mean, var, count = batch_moments(view, spec, reducer)
-        if count > 1 and (running_mean is not None or running_var is not None):
-            update_running_stats(running_mean, running_var, mean, var, count, momentum)
-        y = normalize(view.x, mean, var, weight, bias, spec, batch_stats=True, count=count,
-                      reducer=reducer)
+        mean = view.x.new_zeros(spec.param_shape, dtype=dtype)
+        var = mean + 1
     else:
         mean, var = (_as_stat(running, spec) for running in (running_mean, running_var))
-        y = normalize(view.x, mean, var, weight, bias, spec, batch_stats=False)
-    return view.restore(y)
+    return view.restore(normalize(view.x, mean, var, weight, bias, spec, batch_stats=False))

@@ -65,7 +65,7 @@ def activation_grad(z: Tensor, act: Activation) -> Tensor:
     if act.name == "relu":
         return (z > 0).to(z.dtype)
     if act.name == "leaky_relu":
-        return torch.where(z > 0, 1.0, act.param).to(z.dtype)
+        return torch.ones_like(z).masked_fill_(z <= 0, act.param)
     if act.name == "elu":
         return torch.where(z > 0, torch.ones_like(z), torch.exp(z) * act.param)
     if act.name == "silu":

@@ -10,6 +10,14 @@ from batchnorm.modules.batchnorm import (
     LazyBatchNorm3d,
 )
 from batchnorm.modules.convert import convert, revert
+from batchnorm.modules.frozen import (
+    FrozenBatchNorm,
+    FrozenBatchNorm1d,
+    FrozenBatchNorm2d,
+    FrozenBatchNorm3d,
+    freeze,
+    unfreeze,
+)
 from batchnorm.modules.instancenorm import (
     InstanceNorm1d,
     InstanceNorm2d,
@@ -21,8 +29,9 @@ from batchnorm.modules.instancenorm import (
 from batchnorm.modules.normalization import GroupNorm, LayerNorm
 
 __all__ = [
-    "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GroupNorm", "InstanceNorm1d",
+    "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "FrozenBatchNorm",
+    "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "GroupNorm", "InstanceNorm1d",
     "InstanceNorm2d", "InstanceNorm3d", "LayerNorm", "LazyBatchNorm1d", "LazyBatchNorm2d",
     "LazyBatchNorm3d", "LazyInstanceNorm1d", "LazyInstanceNorm2d", "LazyInstanceNorm3d",
-    "convert", "revert",
+    "convert", "freeze", "revert", "unfreeze",
 ]

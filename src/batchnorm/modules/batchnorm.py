@@ -3,29 +3,113 @@
 Subclassing the torch.nn classes keeps what users rely on exactly as torch has it:
 constructor arguments and defaults, parameters, buffers, state_dict keys and
 ``_version`` migration, ``reset_parameters``, ``_check_input_dim`` errors and
-``isinstance(m, torch.nn.BatchNorm2d)``. The only thing each class adds is
+``isinstance(m, torch.nn.BatchNorm2d)``. Each class adds
 :meth:`_BatchNormForward.forward`, which decides the statistics policy exactly as
 ``torch.nn.modules.batchnorm._BatchNorm.forward`` does and calls
-:func:`batchnorm.functional.batch_norm`.
+:func:`batchnorm.functional.batch_norm`, and the keyword-only variant options (fused
+activation, ghost batches, Batch Renormalization), which leave the state_dict keys
+unchanged (except ``renorm_mean``/``renorm_var`` with ``renorm_momentum``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parameter import UninitializedBuffer, is_lazy
 
 from batchnorm import functional as F
+from batchnorm.core.activation import make_activation
+from batchnorm.core.policy import Renorm
+
+RenormClipping = Mapping[str, float] | Callable[[int], Mapping[str, float]]
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LazyBatchNorm1d",
            "LazyBatchNorm2d", "LazyBatchNorm3d"]
 
 
 class _BatchNormForward:
-    """The training/eval policy of torch's ``_BatchNorm.forward`` on top of the core."""
+    """The training/eval policy of torch's ``_BatchNorm.forward`` on top of the core, and
+    the variant options.
+
+    Keyword-only options (all off by default):
+      activation, activation_param: fused ``"relu" | "leaky_relu" | "elu" | "silu"``.
+      ghost_batch_size: in training, each chunk of that many samples is normalized with its
+        own statistics; the running statistics follow the pooled chunk statistics.
+      renorm, renorm_clipping, renorm_momentum: Batch Renormalization; the clipping is a
+        mapping with keys among rmax/rmin/dmax or a callable of the step (batches seen
+        before this one) returning one; with ``renorm_momentum`` r and d are measured against
+        buffers ``renorm_mean``/``renorm_var`` of their own instead of the running ones.
+    """
 
     axis: int = 1
+    activation: str | None = None
+    activation_param: float | None = None
+    ghost_batch_size: int | None = None
+    renorm: bool = False
+    renorm_clipping: RenormClipping | None = None
+    renorm_momentum: float | None = None
+
+    def __init__(self, *args: Any, activation: str | None = None,
+                 activation_param: float | None = None, ghost_batch_size: int | None = None,
+                 renorm: bool = False, renorm_clipping: RenormClipping | None = None,
+                 renorm_momentum: float | None = None, **kwargs: Any) -> None:
+        make_activation(activation, activation_param)
+        F.check_ghost_batch_size(ghost_batch_size)
+        if not renorm and (renorm_clipping is not None or renorm_momentum is not None):
+            raise ValueError("renorm_clipping and renorm_momentum need renorm=True")
+        if renorm_clipping is not None and not callable(renorm_clipping):
+            Renorm.from_clipping(renorm_clipping)
+        if renorm_momentum is not None and not 0.0 < renorm_momentum <= 1.0:
+            raise ValueError(f"renorm_momentum must be in (0, 1], got {renorm_momentum!r}")
+        super().__init__(*args, **kwargs)
+        if renorm and not self.track_running_stats:
+            raise ValueError("renorm=True needs running statistics to measure r and d "
+                             "against, got track_running_stats=False")
+        self.activation, self.activation_param = activation, activation_param
+        self.ghost_batch_size = ghost_batch_size
+        self.renorm, self.renorm_clipping = renorm, renorm_clipping
+        self.renorm_momentum = renorm_momentum
+        if renorm_momentum is not None:
+            for name, running in (("renorm_mean", self.running_mean),
+                                  ("renorm_var", self.running_var)):
+                self.register_buffer(name, UninitializedBuffer(
+                    device=running.device, dtype=running.dtype) if is_lazy(running)
+                    else running.clone())
+
+    def reset_running_stats(self) -> None:
+        super().reset_running_stats()
+        if "renorm_mean" in self._buffers and not is_lazy(self.renorm_mean):
+            self.renorm_mean.copy_(self.running_mean)
+            self.renorm_var.copy_(self.running_var)
+
+    def initialize_parameters(self, input: Tensor) -> None:
+        """Lazy layers: the renorm buffers take their shape first, so that the lazy
+        reset (skipped while any tensor is uninitialized) copies the running statistics."""
+        if "renorm_mean" in self._buffers and is_lazy(self.renorm_mean):
+            self.renorm_mean.materialize((input.shape[1],))
+            self.renorm_var.materialize((input.shape[1],))
+        super().initialize_parameters(input)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any
+                              ) -> None:
+        """A checkpoint without renorm buffers (a plain layer's) starts them from its
+        running statistics."""
+        if "renorm_mean" in self._buffers:
+            for name, running in (("renorm_mean", "running_mean"),
+                                  ("renorm_var", "running_var")):
+                if prefix + name not in state_dict and prefix + running in state_dict:
+                    state_dict[prefix + name] = state_dict[prefix + running]
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def variant_options(self) -> dict[str, Any]:
+        """The keyword-only options this layer was built with (for rebuilding it)."""
+        return {"activation": self.activation, "activation_param": self.activation_param,
+                "ghost_batch_size": self.ghost_batch_size, "renorm": self.renorm,
+                "renorm_clipping": self.renorm_clipping,
+                "renorm_momentum": self.renorm_momentum}
 
     def _momentum_factor(self) -> float:
         """Counts the batch and returns this step's running-average factor: ``momentum``,
@@ -48,7 +132,24 @@ class _BatchNormForward:
 
     def _batch_norm_options(self) -> dict[str, Any]:
         """Keyword options forwarded to the functional core (variants add theirs)."""
-        return {"axis": self.axis}
+        options: dict[str, Any] = {"axis": self.axis, "activation": self.activation,
+                                   "activation_param": self.activation_param,
+                                   "ghost_batch_size": self.ghost_batch_size}
+        if self.renorm and self.training:
+            clipping = self.renorm_clipping
+            if callable(clipping):
+                clipping = clipping(int(self.num_batches_tracked) - 1)
+            options.update(renorm=True, renorm_clipping=clipping)
+            if self.renorm_momentum is not None:
+                options.update(renorm_mean=self.renorm_mean, renorm_var=self.renorm_var,
+                               renorm_momentum=self.renorm_momentum)
+        return options
+
+    def extra_repr(self) -> str:
+        options = {name: value for name, value in self.variant_options().items()
+                   if value is not None and value is not False}
+        return ", ".join([super().extra_repr(),
+                          *(f"{name}={value!r}" for name, value in options.items())])
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
@@ -98,9 +199,10 @@ class BatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device: Any = None,
-                 dtype: torch.dtype | None = None, *, bias: bool = True, axis: int = 1) -> None:
+                 dtype: torch.dtype | None = None, *, bias: bool = True, axis: int = 1,
+                 **options: Any) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device,
-                         dtype, bias=bias)
+                         dtype, bias=bias, **options)
         self.axis = axis
 
     def _check_input_dim(self, input: Tensor) -> None:
