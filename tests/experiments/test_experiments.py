@@ -141,7 +141,8 @@ def test_batch_size_scales_the_learning_rate_linearly_with_the_batch(digits):
 
 
 @pytest.mark.parametrize("method, expected", [
-    ("bn", "BatchNorm2d"), ("gn", "GroupNorm"), ("ln", "LayerNorm"), ("in", "InstanceNorm2d")])
+    ("bn", "BatchNorm2d"), ("renorm", "BatchNorm2d"), ("ghost", "BatchNorm2d"),
+    ("gn", "GroupNorm"), ("ln", "LayerNorm"), ("in", "InstanceNorm2d")])
 def test_norm_layer_builds_our_layer_for_each_method(method, expected):
     layer = norm_layer(method, 8, spatial=(5, 5), groups=4)
     assert type(layer).__name__ == expected and type(layer).__module__.startswith("batchnorm")
@@ -178,3 +179,12 @@ def test_init_sweep_on_mnist_bn_beats_no_bn_at_12_or_more_of_16_scales(mnist_dat
     assert wins >= 12, rows
     # the book's shape: with BN, the small scales (0.025 down to 0.004) learn best
     assert all(bn > 0.85 for scale, bn, _ in rows if 0.004 <= scale <= 0.026), rows
+
+
+def test_renorm_and_ghost_methods_turn_on_the_variant_options():
+    renorm = norm_layer("renorm", 8, spatial=(5, 5))
+    ghost = norm_layer("ghost", 8, spatial=(5, 5), ghost_batch_size=4)
+    plain = norm_layer("bn", 8, spatial=(5, 5))
+    assert renorm.renorm and not plain.renorm and renorm.renorm_clipping == {"rmax": 3.0,
+                                                                               "dmax": 5.0}
+    assert ghost.ghost_batch_size == 4 and plain.ghost_batch_size is None

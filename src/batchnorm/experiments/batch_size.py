@@ -42,7 +42,7 @@ class Config:
     momentum: float = 0.9
 
 
-TINY = Config(methods=("bn", "gn", "ln", "in"), batch_sizes=(2, 8), widths=(4, 8), groups=2,
+TINY = Config(batch_sizes=(2, 8), widths=(4, 8), groups=2,
               train_size=64)
 
 

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 import batchnorm as layers  # the normalization layers under test
 
 NORM_METHODS = ("bn", "renorm", "ghost", "gn", "ln", "in")
+RENORM_CLIPPING = {"rmax": 3.0, "dmax": 5.0}  # the paper's final limits, without warm-up
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "elu": nn.ELU,
     "leaky_relu": partial(nn.LeakyReLU, 0.2),  # TensorFlow's default slope
@@ -27,15 +28,16 @@ def norm_layer(method: str, channels: int, *, spatial: Sequence[int] = (), momen
     """The ``method`` normalization of ``channels`` features, each with ``spatial`` extent
     (``()`` for a linear layer's output, ``(H, W)`` for a conv layer's).
 
-    bn: BatchNorm; renorm: Batch Renormalization; ghost: BatchNorm over ghost batches of
-    ``ghost_batch_size``; gn: GroupNorm with ``groups`` groups; ln: LayerNorm over
-    (C, *spatial); in: InstanceNorm with affine parameters."""
+    bn: BatchNorm; renorm: Batch Renormalization clipped to RENORM_CLIPPING; ghost:
+    BatchNorm over ghost batches of ``ghost_batch_size``; gn: GroupNorm with ``groups``
+    groups; ln: LayerNorm over (C, *spatial); in: InstanceNorm with affine parameters."""
     batch_norm = {0: layers.BatchNorm1d, 1: layers.BatchNorm1d, 2: layers.BatchNorm2d,
                   3: layers.BatchNorm3d}[len(spatial)]
     if method == "bn":
         return batch_norm(channels, eps=eps, momentum=momentum)
     if method == "renorm":
-        return batch_norm(channels, eps=eps, momentum=momentum, renorm=True)
+        return batch_norm(channels, eps=eps, momentum=momentum, renorm=True,
+                          renorm_clipping=RENORM_CLIPPING)
     if method == "ghost":
         return batch_norm(channels, eps=eps, momentum=momentum,
                           ghost_batch_size=ghost_batch_size)
