@@ -36,14 +36,13 @@ class Config:
     widths: tuple[int, ...] = (16, 32)
     groups: int = 4
     ghost_batches: int = 4  # ghost batch size = max(2, batch size // ghost_batches)
-    epochs: int = 1
+    epochs: int = 2
     train_size: int = 4000
-    learning_rate: float = 0.05  # at batch size 32, scaled linearly
+    learning_rate: float = 0.025  # at batch size 32, scaled linearly
     momentum: float = 0.9
 
 
-TINY = Config(batch_sizes=(2, 8), widths=(4, 8), groups=2,
-              train_size=64)
+TINY = Config(batch_sizes=(2, 8), widths=(4, 8), groups=2, epochs=1, train_size=64)
 
 
 def _run_name(method: str, batch_size: int) -> str:
