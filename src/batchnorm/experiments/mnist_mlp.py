@@ -18,7 +18,7 @@ from torch import nn
 from batchnorm.experiments.base import Experiment
 from batchnorm.experiments.loop import History, Run, accuracy, run_seeds
 from batchnorm.experiments.models import mlp, norm_layer
-from batchnorm.experiments.plots import markdown_table, save, subplots
+from batchnorm.experiments.plots import epoch_axis, markdown_table, save, subplots
 
 if TYPE_CHECKING:
     from batchnorm.data import Split
@@ -62,7 +62,7 @@ def plot(results: dict[str, Any], out: Path) -> list[str]:
     figure, (axis,) = subplots(1, 1, size=(5.0, 3.5))
     for variant, label in (("bn", "BatchNorm"), ("no_bn", "no BatchNorm")):
         axis.plot(results["epochs"], results["val_acc"][variant], marker=".", label=label)
-    axis.set_xlabel("epoch")
+    epoch_axis(axis)
     axis.set_ylabel("validation accuracy")
     axis.legend()
     return [save(figure, out, "mnist_mlp.png")]

@@ -17,7 +17,7 @@ import torch
 from batchnorm.experiments.base import Experiment
 from batchnorm.experiments.loop import History, Run, accuracy, run_seeds
 from batchnorm.experiments.models import mlp, norm_layer
-from batchnorm.experiments.plots import markdown_table, save, subplots
+from batchnorm.experiments.plots import epoch_axis, markdown_table, save, subplots
 
 if TYPE_CHECKING:
     from batchnorm.data import Split
@@ -68,7 +68,7 @@ def plot(results: dict[str, Any], out: Path) -> list[str]:
             axis.plot(results["epochs"], by_placement[placement], marker=".",
                       label=f"BN {placement} activation")
         axis.set_title(activation)
-        axis.set_xlabel("epoch")
+        epoch_axis(axis)
     axes[0].set_ylabel("validation accuracy")
     axes[0].legend(fontsize="small")
     return [save(figure, out, "placement.png")]

@@ -9,7 +9,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 
 def subplots(rows: int, cols: int, size: tuple[float, float] = (4.0, 3.0), **options: object
@@ -17,6 +19,12 @@ def subplots(rows: int, cols: int, size: tuple[float, float] = (4.0, 3.0), **opt
     figure, axes = plt.subplots(rows, cols, figsize=(size[0] * cols, size[1] * rows),
                                 squeeze=False, **options)
     return figure, axes.ravel()
+
+
+def epoch_axis(axis: Axes) -> None:
+    """Label the x axis "epoch", with whole-number ticks."""
+    axis.set_xlabel("epoch")
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def save(figure: Figure, out: Path, name: str) -> str:

@@ -20,7 +20,7 @@ import torch
 from batchnorm.experiments.base import Experiment
 from batchnorm.experiments.loop import History, Run, accuracy, run_seeds
 from batchnorm.experiments.models import mlp, norm_layer
-from batchnorm.experiments.plots import markdown_table, save, subplots
+from batchnorm.experiments.plots import epoch_axis, markdown_table, save, subplots
 
 if TYPE_CHECKING:
     from batchnorm.data import Split
@@ -70,7 +70,7 @@ def plot(results: dict[str, Any], out: Path) -> list[str]:
                   label=f"{LABELS[name]}, eval mode")
         axis.plot(results["epochs"], curves["train_mode_acc"], "--", color=color,
                   label=f"{LABELS[name]}, train mode")
-    axis.set_xlabel("epoch")
+    epoch_axis(axis)
     axis.set_ylabel("validation accuracy")
     axis.set_ylim(0, 1.02)
     axis.legend(fontsize="small")
