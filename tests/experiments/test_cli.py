@@ -17,7 +17,7 @@ def test_list_prints_every_experiment_on_one_line_each(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == list(EXPERIMENTS)
     assert [name for name in EXPERIMENTS] == ["init-sweep", "mnist-mlp", "update-ops",
-                                              "placement", "batch-size", "norms"]
+                                              "placement", "batch-size", "norms", "recalibrate"]
 
 
 def test_tiny_run_writes_its_outputs_into_out_with_the_seed(tmp_path, capsys):

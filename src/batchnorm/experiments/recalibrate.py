@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import Tensor, nn
+
 from batchnorm.experiments.base import Experiment
 from batchnorm.experiments.loop import History, Run, accuracy, run_seeds
 from batchnorm.experiments.models import mlp, norm_layer
 from batchnorm.experiments.plots import markdown_table, save, subplots
-from torch import Tensor, nn
-
 from batchnorm.tools import recalibrate
 
 if TYPE_CHECKING:

@@ -8,11 +8,13 @@ from batchnorm.experiments import (
     mnist_mlp,
     norms,
     placement,
+    recalibrate,
     update_ops,
 )
 from batchnorm.experiments.base import Experiment
 
 EXPERIMENTS: dict[str, Experiment] = {
     module.EXPERIMENT.name: module.EXPERIMENT
-    for module in (init_sweep, mnist_mlp, update_ops, placement, batch_size, norms)
+    for module in (init_sweep, mnist_mlp, update_ops, placement, batch_size, norms,
+                   recalibrate)
 }

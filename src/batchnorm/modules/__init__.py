@@ -27,11 +27,13 @@ from batchnorm.modules.instancenorm import (
     LazyInstanceNorm3d,
 )
 from batchnorm.modules.normalization import GroupNorm, LayerNorm
+from batchnorm.modules.syncbn import SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
 
 __all__ = [
     "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "FrozenBatchNorm",
     "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "GroupNorm", "InstanceNorm1d",
     "InstanceNorm2d", "InstanceNorm3d", "LayerNorm", "LazyBatchNorm1d", "LazyBatchNorm2d",
     "LazyBatchNorm3d", "LazyInstanceNorm1d", "LazyInstanceNorm2d", "LazyInstanceNorm3d",
-    "convert", "freeze", "revert", "unfreeze",
+    "SyncBatchNorm", "convert", "convert_sync_batchnorm", "freeze", "revert",
+    "revert_sync_batchnorm", "unfreeze",
 ]
