@@ -20,6 +20,8 @@ def test_quick_tiny_run_writes_json_and_markdown_for_every_case(tmp_path, capsys
         assert row["ours_ms"] > 0 and row["baseline_ms"] > 0 and row["roofline_ms"] > 0
         assert row["speedup"] == pytest.approx(row["baseline_ms"] / row["ours_ms"])
     assert report["machine"]["torch_threads"] >= 1 and report["copy_bandwidth_gbs"] > 0
+    assert report["fold"]["folded_ms"] > 0 and report["fold"]["max_abs_diff"] < 1e-4
+    assert "note" in report["syncbn"]  # --tiny leaves out the two-process row
     markdown = (tmp_path / "results.md").read_text()
     assert markdown.count("\n| ") == len(TINY) + 1  # header + one row per case
     assert markdown in capsys.readouterr().out

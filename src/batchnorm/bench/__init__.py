@@ -18,7 +18,7 @@ from pathlib import Path
 import numba
 import torch
 
-from batchnorm.bench import cnn, measure
+from batchnorm.bench import cnn, fold, measure, syncbn
 from batchnorm.bench.cases import SUITE, TINY, Case
 
 
@@ -130,6 +130,23 @@ def markdown(report: dict[str, object]) -> str:
                      f"({e2e['torch_s'] / e2e['ours_s']:.2f}x).")
     else:
         lines.append(f"End to end: {e2e['note']}")
+    folding = report["fold"]
+    lines.append(f"batchnorm.fold, eval forward of a {folding['model']} on "
+                 f"{'x'.join(map(str, folding['input_shape']))}: torch.nn BN "
+                 f"{_ms(folding['torch_bn_ms'])} ms, ours {_ms(folding['ours_bn_ms'])} ms, "
+                 f"folded {_ms(folding['folded_ms'])} ms "
+                 f"({_ratio(folding['speedup_vs_torch_bn'])} vs torch.nn BN; max abs "
+                 f"difference {folding['max_abs_diff']:.1e}).")
+    sync = report["syncbn"]
+    if "ratio" in sync:
+        lines.append(f"SyncBatchNorm on {sync['processes']} processes (gloo, "
+                     f"{'x'.join(map(str, sync['shape']))} per process, train step): "
+                     f"{_ms(sync['syncbn_ms'])} ms vs local BatchNorm2d "
+                     f"{_ms(sync['local_ms'])} ms ({sync['ratio']:.2f}x); collectives per "
+                     f"step: {sync['collectives_forward']} forward, "
+                     f"{sync['collectives_backward']} backward.")
+    else:
+        lines.append(f"SyncBatchNorm: {sync['note']}")
     return "\n".join(lines) + "\n"
 
 
@@ -148,6 +165,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="keep freed memory mapped (glibc mallopt) to take page faults "
                         "on fresh large outputs out of every competitor's time")
+    parser.add_argument("--no-syncbn", action="store_true",
+                        help="skip the SyncBatchNorm row (it starts 2 processes)")
     parser.add_argument("--data", type=Path,
                         default=Path(os.environ.get("BATCHNORM_DATA", "../shared/data")),
                         help="directory holding mnist/ (end-to-end row; skipped if absent)")
@@ -182,11 +201,16 @@ def main(argv: list[str] | None = None) -> int:
         end_to_end = {"ours_s": seconds["ours"], "torch_s": seconds["torch"]}
     elif not args.tiny:
         end_to_end = {"note": f"skipped: no MNIST files under {args.data}/mnist"}
+    folding = fold.measure(quick=args.quick or args.tiny)
+    sync: dict[str, object] = {"note": "skipped (--tiny or --no-syncbn)"}
+    if not (args.tiny or args.no_syncbn):
+        sync = syncbn.measure(quick=args.quick)
     report = {"machine": machine(), "copy_bandwidth_gbs": bandwidth / 1e9,
               "allocator": allocation_note(args.keep_freed_memory),
               "rounds": rounds, "load_before": round(load_before, 2),
               "load_after": round(os.getloadavg()[0], 2), "rows": rows,
               "summary": summarize(rows), "end_to_end": end_to_end,
+              "fold": folding, "syncbn": sync,
               "wall_s": time.perf_counter() - start}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -1,10 +1,8 @@
 """The end-to-end number: one training epoch of a small CNN (two conv + BN + ReLU blocks)
-on the real MNIST test set, with our batch_norm vs torch.nn.BatchNorm2d."""
+on the real MNIST test set, with batchnorm.BatchNorm2d vs torch.nn.BatchNorm2d."""
 
 from __future__ import annotations
 
-import gzip
-import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,25 +10,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-import batchnorm.functional as bf
+import batchnorm
+from batchnorm.data.idx import IMAGES_MAGIC, LABELS_MAGIC, read_idx
 
 BATCH_SIZE = 128
-
-
-class FunctionalBatchNorm2d(nn.Module):
-    """torch.nn.BatchNorm2d's parameters and buffers around batchnorm.functional."""
-
-    def __init__(self, channels: int, momentum: float = 0.1, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.momentum, self.eps = momentum, eps
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
-        self.register_buffer("running_mean", torch.zeros(channels))
-        self.register_buffer("running_var", torch.ones(channels))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return bf.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                             self.training, self.momentum, self.eps)
 
 
 def small_cnn(norm: Callable[[int], nn.Module]) -> nn.Sequential:
@@ -40,26 +23,15 @@ def small_cnn(norm: Callable[[int], nn.Module]) -> nn.Sequential:
         nn.Flatten(), nn.Linear(64 * 7 * 7, 10))
 
 
-def _idx(path: Path, magic: int) -> tuple[tuple[int, ...], bytes]:
-    data = gzip.decompress(path.read_bytes())
-    ndim = data[3]
-    found, *shape = struct.unpack(f">I{ndim}I", data[:4 + 4 * ndim])
-    if found != magic:
-        raise ValueError(f"{path}: expected IDX magic {magic}, got {found}")
-    return tuple(shape), data[4 + 4 * ndim:]
-
-
 def load_mnist_test(root: Path) -> tuple[Tensor, Tensor] | None:
-    """The 10,000 MNIST test images (scaled to [0, 1]) and labels, or None if absent."""
+    """The 10,000 MNIST test images (standardized) and labels, or None if absent."""
     images, labels = root / "mnist" / "t10k-images-idx3-ubyte.gz", \
         root / "mnist" / "t10k-labels-idx1-ubyte.gz"
     if not (images.is_file() and labels.is_file()):
         return None
-    shape, pixels = _idx(images, 2051)
-    _, targets = _idx(labels, 2049)
-    x = torch.frombuffer(bytearray(pixels), dtype=torch.uint8).view(shape[0], 1, *shape[1:])
-    y = torch.frombuffer(bytearray(targets), dtype=torch.uint8).long()
-    return (x.float() / 255 - 0.1307) / 0.3081, y
+    pixels = torch.from_numpy(read_idx(images, magic=IMAGES_MAGIC)).unsqueeze(1)
+    targets = torch.from_numpy(read_idx(labels, magic=LABELS_MAGIC)).long()
+    return (pixels.float() / 255 - 0.1307) / 0.3081, targets
 
 
 def _epoch(model: nn.Module, images: Tensor, labels: Tensor, batches: int | None) -> float:
@@ -79,7 +51,7 @@ def _epoch(model: nn.Module, images: Tensor, labels: Tensor, batches: int | None
 
 def epoch_seconds(images: Tensor, labels: Tensor, rounds: int) -> dict[str, float]:
     """Median seconds of one epoch per implementation, epochs interleaved, same init."""
-    norms = {"ours": FunctionalBatchNorm2d, "torch": nn.BatchNorm2d}
+    norms = {"ours": batchnorm.BatchNorm2d, "torch": nn.BatchNorm2d}
     times: dict[str, list[float]] = {name: [] for name in norms}
     for norm in norms.values():
         torch.manual_seed(0)
