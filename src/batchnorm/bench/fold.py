@@ -43,7 +43,8 @@ def resnet(norm: type[nn.Module], width: int = 32) -> nn.Module:
 
 
 def _eval_ms(model: nn.Module, input: torch.Tensor, min_run_time: float) -> float:
-    timer = benchmark.Timer("model(input)", globals={"model": model, "input": input})
+    timer = benchmark.Timer("model(input)", globals={"model": model, "input": input},
+                            num_threads=torch.get_num_threads())
     with torch.no_grad():
         return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
 
