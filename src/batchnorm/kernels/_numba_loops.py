@@ -57,6 +57,25 @@ def _act_grad(z, code, param):
     return s * (np.float32(1.0) + z * (np.float32(1.0) - s))
 
 
+@njit(inline="always", cache=True)
+def _flush(part, blk, first, second):
+    """Add a block's float32 running sums to its float64 partials and restart them."""
+    for c in range(first.shape[0]):
+        part[blk, 0, c] += first[c]
+        part[blk, 1, c] += second[c]
+        first[c] = 0.0
+        second[c] = 0.0
+
+
+@njit(inline="always", cache=True)
+def _merge(part, first, second):
+    """Add the blocks' partials in block order, so the result does not depend on threads."""
+    for blk in range(part.shape[0]):
+        for c in range(part.shape[2]):
+            first[c] += part[blk, 0, c]
+            second[c] += part[blk, 1, c]
+
+
 # ---------------------------------------------------------------- segments x (S, L)
 
 @njit(**_JIT)
@@ -169,15 +188,8 @@ def column_sums(x, pivot, sums, sq_sums):
                 acc[c] += d
                 acc_sq[c] += d * d
             if (r - start) % _CHUNK_ROWS == _CHUNK_ROWS - 1 or r == stop - 1:
-                for c in range(cols):
-                    part[blk, 0, c] += acc[c]
-                    part[blk, 1, c] += acc_sq[c]
-                    acc[c] = 0.0
-                    acc_sq[c] = 0.0
-    for blk in range(blocks):
-        for c in range(cols):
-            sums[c] += part[blk, 0, c]
-            sq_sums[c] += part[blk, 1, c]
+                _flush(part, blk, acc, acc_sq)
+    _merge(part, sums, sq_sums)
 
 
 @njit(**_JIT)
@@ -219,15 +231,8 @@ def column_backward_sums(dy, x, mean, scale, shift, code, param, sum_g, sum_g_xc
                     acc_g[c] += g
                     acc_gx[c] += g * xc
             if (r - start) % _CHUNK_ROWS == _CHUNK_ROWS - 1 or r == stop - 1:
-                for c in range(cols):
-                    part[blk, 0, c] += acc_g[c]
-                    part[blk, 1, c] += acc_gx[c]
-                    acc_g[c] = 0.0
-                    acc_gx[c] = 0.0
-    for blk in range(blocks):
-        for c in range(cols):
-            sum_g[c] += part[blk, 0, c]
-            sum_g_xc[c] += part[blk, 1, c]
+                _flush(part, blk, acc_g, acc_gx)
+    _merge(part, sum_g, sum_g_xc)
 
 
 @njit(**_JIT)
@@ -308,15 +313,8 @@ def row_backward_sums(dy, x, mean, invstd, weight, bias, code, param, sum_gh, su
             sum_gh[r] = row_gh
             sum_gh_xhat[r] = row_gh_xhat
             if (r - start) % _CHUNK_ROWS == _CHUNK_ROWS - 1 or r == stop - 1:
-                for k in range(cols):
-                    part[blk, 0, k] += acc_w[k]
-                    part[blk, 1, k] += acc_b[k]
-                    acc_w[k] = 0.0
-                    acc_b[k] = 0.0
-    for blk in range(blocks):
-        for k in range(cols):
-            grad_weight[k] += part[blk, 0, k]
-            grad_bias[k] += part[blk, 1, k]
+                _flush(part, blk, acc_w, acc_b)
+    _merge(part, grad_weight, grad_bias)
 
 
 @njit(**_JIT)
