@@ -1,7 +1,6 @@
 """``batchnorm demo``: the main job. BatchNorm vs no BatchNorm over 16 weight scales
-(the ``init-sweep`` experiment) on scikit-learn's bundled 8x8 digits, which every install
-has, or on MNIST with ``--dataset mnist``; prints the path of the 4x4 figure and the final
-train accuracies."""
+(the ``init-sweep`` experiment) on MNIST when found, else on the bundled digits; prints
+the path of the 4x4 figure and the final train accuracies."""
 
 from __future__ import annotations
 
@@ -18,7 +17,7 @@ from batchnorm.experiments.cli import add_common_arguments, load_data
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="batchnorm demo", description=__doc__)
-    parser.add_argument("--dataset", default="digits",
+    parser.add_argument("--dataset", default="mnist",
                         choices=["mnist", "fashion-mnist", "digits"])
     add_common_arguments(parser)
     args = parser.parse_args(argv)
