@@ -14,6 +14,8 @@ COMMANDS = {
     "doctor": ("batchnorm.tools.cli:doctor_main", "find BatchNorm bugs in a saved model"),
     "fold": ("batchnorm.tools.cli:fold_main", "fold BatchNorm into conv/linear layers"),
 }
+# top-level modules of the optional 'experiments' dependencies (pyproject.toml)
+EXTRAS = ("matplotlib", "tqdm", "sklearn")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,8 +27,14 @@ def main(argv: list[str] | None = None) -> int:
     parsed = parser.parse_args(argv[:1])
     target, _ = COMMANDS[parsed.command]
     module_name, function_name = target.split(":")
-    function = getattr(importlib.import_module(module_name), function_name)
-    return int(function(argv[1:]) or 0)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name not in EXTRAS:
+            raise
+        parser.exit(2, f"batchnorm {parsed.command} needs the 'experiments' extra (missing "
+                       f"module {error.name!r}): pip install 'batchnorm[experiments]'\n")
+    return int(getattr(module, function_name)(argv[1:]) or 0)
 
 
 if __name__ == "__main__":
