@@ -165,3 +165,22 @@ def test_half_precision_keeps_working_with_numba_forced(monkeypatch, dtype):
     expected = F.batch_norm(x.detach().float(), None, None, training=True)
     assert y.dtype == dtype and x.grad.dtype == dtype
     torch.testing.assert_close(y.float(), expected, rtol=0, atol=1e-2)
+
+
+def test_layer_norm_takes_the_fused_row_kernels_and_other_norms_do_not(monkeypatch):
+    """Row statistics (LayerNorm) run forward and backward in one kernel call each; batch,
+    group and instance statistics keep the separate statistics and normalize calls."""
+    monkeypatch.setenv("BATCHNORM_BACKEND", "numba")
+    calls = []
+    for name in ("forward_batch", "backward_batch"):
+        original = getattr(numba_cpu, name)
+        monkeypatch.setattr(numba_cpu, name,
+                            lambda *args, _name=name, _f=original: calls.append(_name)
+                            or _f(*args))
+    x = torch.randn(16, 8, 32, requires_grad=True)
+    bf.layer_norm(x, (32,), torch.ones(32), torch.zeros(32)).sum().backward()
+    assert calls == ["forward_batch", "backward_batch"]
+    bf.batch_norm(x, None, None, training=True).sum().backward()
+    bf.group_norm(x, 2).sum().backward()
+    bf.instance_norm(x).sum().backward()
+    assert calls == ["forward_batch", "backward_batch"]

@@ -202,3 +202,72 @@ def test_ghost_batch_view_matches_float64(act):
     view = channel_view(torch.randn(12, 5, 20) + 1, 1)
     x = view.x.view(3, 4, 5, 20)
     check_view_against_float64(x, (1, 3), (1, 1, 5, 1), act)
+
+
+def check_fused_rows_against_float64(x: torch.Tensor, act: Activation, affine: bool) -> None:
+    """forward_batch / backward_batch (one visit per row) against float64 autograd."""
+    width = x.shape[1]
+    spec = NormSpec((1,), (1, width), 1e-5, act)
+    assert numba_cpu.fuses(x, spec)
+    weight = torch.randn(1, width) * 0.5 + 1 if affine else None
+    bias = torch.randn(1, width) * 0.5 if affine else None
+    dy = torch.randn_like(x)
+    y, mean, invstd = numba_cpu.forward_batch(x, weight, bias, spec)
+    dx, grad_weight, grad_bias = numba_cpu.backward_batch(dy, x, mean, invstd, weight, bias,
+                                                          spec)
+    x64 = x.double().requires_grad_()
+    w64, b64 = ((t.double().requires_grad_() for t in (weight, bias)) if affine
+                else (1.0, 0.0))
+    y64 = normalize64(x64, w64, b64, (1,), act)
+    y64.backward(dy.double())
+    close(mean, x64.detach().mean(1, keepdim=True))
+    close(invstd, torch.rsqrt(x64.detach().var(1, keepdim=True, correction=0) + 1e-5))
+    close(y, y64.detach())
+    close(dx, x64.grad)
+    if affine:
+        close(grad_weight, w64.grad)
+        close(grad_bias, b64.grad)
+    else:
+        assert grad_weight is None and grad_bias is None
+
+
+@SETTINGS
+@given(rows=st.integers(1, 200), width=st.integers(8, 300), act=st.sampled_from(ACTIVATIONS),
+       affine=st.booleans(), seed=SEEDS)
+def test_fused_layer_norm_rows_match_float64(rows, width, act, affine, seed):
+    torch.manual_seed(seed)
+    check_fused_rows_against_float64(torch.randn(rows, width) * 3 - 1, act, affine)
+
+
+def test_fused_rows_longer_than_a_summation_chunk_match_float64():
+    check_fused_rows_against_float64(torch.randn(3, 3 * 4096 + 5) + 2, ACTIVATIONS[1], True)
+
+
+def test_fused_rows_keep_large_offsets_accurate():
+    """Mean 1e4, std 1 in float32: outputs within 1e-3 of float64, invstd within 1e-4."""
+    x = (torch.randn(64, 768, dtype=torch.float64) + 1e4).float()
+    spec = NormSpec((1,), (1, 768), 1e-5)
+    y, _, invstd = numba_cpu.forward_batch(x, None, None, spec)
+    x64 = x.double()
+    var64 = x64.var(1, keepdim=True, correction=0)
+    assert ((invstd.double() - torch.rsqrt(var64 + 1e-5)).abs() * var64.sqrt()).max() < 1e-4
+    y64 = (x64 - x64.mean(1, keepdim=True)) / torch.sqrt(var64 + 1e-5)
+    assert (y.double() - y64).abs().max() < 1e-3
+
+
+def test_fused_rows_are_bitwise_identical_across_thread_counts():
+    x, dy = torch.randn(5000, 64), torch.randn(5000, 64)
+    weight, bias = torch.randn(1, 64), torch.randn(1, 64)
+    spec = NormSpec((1,), (1, 64), 1e-5, Activation("silu"))
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (threads, 1):
+            torch.set_num_threads(count)
+            y, mean, invstd = numba_cpu.forward_batch(x, weight, bias, spec)
+            results.append((y, *numba_cpu.backward_batch(dy, x, mean, invstd, weight, bias,
+                                                         spec)))
+    finally:
+        torch.set_num_threads(threads)
+    for first, again in zip(*results, strict=True):
+        assert torch.equal(first, again)

@@ -31,9 +31,12 @@ class GradientReducer(Protocol):
 class _Normalize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, mean, var, weight, bias, spec, batch_stats, count, reducer):
-        invstd = torch.rsqrt(var + spec.eps)
-        backend = kernels.select(x, spec)
-        y = backend.normalize(x, mean, invstd, weight, bias, spec.activation)
+        if mean is None:  # batch statistics, computed by a fusing backend
+            y, mean, invstd = kernels.fused(x, spec).forward_batch(x, weight, bias, spec)
+        else:
+            invstd = torch.rsqrt(var + spec.eps)
+            y = kernels.select(x, spec).normalize(x, mean, invstd, weight, bias,
+                                                  spec.activation)
         ctx.save_for_backward(x, mean, invstd, weight, bias)
         ctx.spec, ctx.batch_stats, ctx.count, ctx.reducer = spec, batch_stats, count, reducer
         return y
@@ -49,6 +52,12 @@ class _Normalize(torch.autograd.Function):
                 invstd = torch.rsqrt(var + spec.eps)
         else:
             backend = kernels.select(x, spec)
+            fused = kernels.fused(x, spec) if ctx.batch_stats and ctx.reducer is None else None
+            if fused is not None:
+                grad_input, grad_weight, grad_bias = fused.backward_batch(
+                    dy, x, mean, invstd, weight, bias, spec)
+                return (grad_input if ctx.needs_input_grad[0] else None, None, None,
+                        grad_weight, grad_bias, None, None, None, None)
         grad_weight, grad_bias, m1, m2 = backend.backward_reduce(
             dy, x, mean, invstd, weight, bias, spec)
         if not ctx.needs_input_grad[0]:
@@ -63,15 +72,19 @@ class _Normalize(torch.autograd.Function):
         return grad_input, None, None, grad_weight, grad_bias, None, None, None, None
 
 
-def normalize(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
-              spec: NormSpec, *, batch_stats: bool, count: float = 0.0,
+def normalize(x: Tensor, mean: Tensor | None, var: Tensor | None, weight: Tensor | None,
+              bias: Tensor | None, spec: NormSpec, *, batch_stats: bool, count: float = 0.0,
               reducer: GradientReducer | None = None) -> Tensor:
     """``act((x - mean) / sqrt(var + eps) * weight + bias)`` on a canonical view.
 
     ``batch_stats`` says that mean and var are x's own statistics over ``spec.reduce_dims``
     (``count`` values per group, summed across processes by ``reducer``), so the backward
     differentiates through them; otherwise they are constants (running statistics).
-    ``weight`` and ``bias`` are already viewed with ``spec.param_shape``.
+    ``weight`` and ``bias`` are already viewed with ``spec.param_shape``. ``mean=None``
+    (with ``var=None``) asks the fusing backend (:func:`batchnorm.kernels.fused`) to compute
+    x's own statistics while it normalizes.
     """
+    if mean is None:
+        return _Normalize.apply(x, None, None, weight, bias, spec, True, float(count), None)
     return _Normalize.apply(x, mean.detach(), var.detach(), weight, bias, spec, batch_stats,
                             float(count), reducer)

@@ -276,6 +276,84 @@ def row_normalize(x, mean, invstd, weight, bias, code, param, y):
 
 
 @njit(**_JIT)
+def row_forward(x, weight, bias, eps, code, param, y, mean, invstd):
+    """Statistics and normalization of each row in one visit while it is in cache:
+    mean[r], invstd[r] from float32 chunk sums of x - x[r, 0] merged in float64, then
+    y[r, k] = act((x[r, k] - mean[r]) * invstd[r] * weight[k] + bias[k])."""
+    rows, cols = x.shape
+    for r in prange(rows):
+        row, y_row = x[r], y[r]
+        pivot = row[0]
+        total = 0.0
+        total_sq = 0.0
+        for start in range(0, cols, _CHUNK_LENGTH):
+            chunk = row[start:start + _CHUNK_LENGTH]
+            acc = np.float32(0.0)
+            acc_sq = np.float32(0.0)
+            for k in range(chunk.shape[0]):
+                d = chunk[k] - pivot
+                acc += d
+                acc_sq += d * d
+            total += acc
+            total_sq += acc_sq
+        shifted = total / cols
+        m = np.float32(pivot + shifted)
+        inv = np.float32(1.0 / math.sqrt(max(total_sq / cols - shifted * shifted, 0.0) + eps))
+        mean[r] = m
+        invstd[r] = inv
+        if code <= PIECEWISE_LINEAR:
+            for k in range(cols):
+                z = (row[k] - m) * (inv * weight[k]) + bias[k]
+                y_row[k] = z if z > 0 else z * param
+        else:
+            for k in range(cols):
+                y_row[k] = _act((row[k] - m) * (inv * weight[k]) + bias[k], code, param)
+
+
+@njit(**_JIT)
+def row_backward(dy, x, mean, invstd, weight, bias, code, param, grad_weight, grad_bias, dx):
+    """The whole backward of row statistics, each row visited once while in cache:
+    g = dy * act'(z), m1 = mean_k(g * weight), m2 = mean_k(g * weight * x_hat), then
+    dx[r, k] = invstd[r] * (g * weight[k] - m1 - x_hat * m2); grad_weight and grad_bias
+    as in :func:`row_backward_sums`."""
+    rows, cols = x.shape
+    blocks = max(1, min(_MAX_BLOCKS, rows // _CHUNK_ROWS))
+    part = np.zeros((blocks, 2, cols))
+    for blk in prange(blocks):
+        start, stop = blk * rows // blocks, (blk + 1) * rows // blocks
+        acc_w = np.zeros(cols, np.float32)
+        acc_b = np.zeros(cols, np.float32)
+        g_row = np.empty(cols, np.float32)
+        for r in range(start, stop):
+            m, inv = mean[r], invstd[r]
+            x_row, dy_row, dx_row = x[r], dy[r], dx[r]
+            if code <= PIECEWISE_LINEAR:
+                for k in range(cols):
+                    g = dy_row[k]
+                    g_row[k] = g if (x_row[k] - m) * inv * weight[k] + bias[k] > 0 else g * param
+            else:
+                for k in range(cols):
+                    g_row[k] = dy_row[k] * _act_grad((x_row[k] - m) * inv * weight[k] + bias[k],
+                                                     code, param)
+            row_gh = np.float32(0.0)
+            row_gh_xhat = np.float32(0.0)
+            for k in range(cols):
+                x_hat = (x_row[k] - m) * inv
+                g = g_row[k]
+                acc_w[k] += g * x_hat
+                acc_b[k] += g
+                row_gh += g * weight[k]
+                row_gh_xhat += g * weight[k] * x_hat
+            c1 = np.float32(row_gh / cols)
+            c2 = np.float32(row_gh_xhat / cols)
+            for k in range(cols):
+                dx_row[k] = inv * (g_row[k] * weight[k] - c1 - (x_row[k] - m) * inv * c2)
+            if (r - start) % _CHUNK_ROWS == _CHUNK_ROWS - 1 or r == stop - 1:
+                _flush(part, blk, acc_w, acc_b)
+    _merge(part, grad_weight, grad_bias)
+
+
+@njit(**_JIT)
 def row_backward_sums(dy, x, mean, invstd, weight, bias, code, param, sum_gh, sum_gh_xhat,
                       grad_weight, grad_bias):
     """g = dy * act'(z), gh = g * weight[k], x_hat = (x - mean[r]) * invstd[r]:

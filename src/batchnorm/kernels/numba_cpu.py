@@ -69,6 +69,45 @@ def prefers(x: Tensor, spec: NormSpec) -> bool:
     return True
 
 
+def fuses(x: Tensor, spec: NormSpec) -> bool:
+    """True where :func:`forward_batch` and :func:`backward_batch` apply: statistics per
+    row of a rows view (LayerNorm), so each row is visited once per pass."""
+    return _layout_of(x, spec.reduce_dims, spec.param_shape) == "rows"
+
+
+def forward_batch(x: Tensor, weight: Tensor | None, bias: Tensor | None, spec: NormSpec
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """y, mean and invstd (keepdim) of a rows view, statistics and normalization fused."""
+    _use_torch_threads()
+    code, param = _code(spec.activation)
+    rows = x.shape[0]
+    y = torch.empty_like(x)
+    mean = torch.empty(rows, 1, dtype=x.dtype)
+    invstd = torch.empty_like(mean)
+    loops.row_forward(x.detach().numpy(), _columns(weight, x, 1.0), _columns(bias, x, 0.0),
+                      spec.eps, code, param, y.numpy(), mean.numpy().reshape(-1),
+                      invstd.numpy().reshape(-1))
+    return y, mean, invstd
+
+
+def backward_batch(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor,
+                   weight: Tensor | None, bias: Tensor | None, spec: NormSpec
+                   ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """dx, dweight, dbias of a rows view normalized with its own statistics, in one pass."""
+    _use_torch_threads()
+    code, param = _code(spec.activation)
+    cols = x.shape[1]
+    dx = torch.empty_like(x)
+    grad_weight = torch.zeros(1, cols, dtype=torch.float64)
+    grad_bias = torch.zeros_like(grad_weight)
+    loops.row_backward(_array(dy), x.detach().numpy(), _array(mean.reshape(-1)),
+                       _array(invstd.reshape(-1)), _columns(weight, x, 1.0),
+                       _columns(bias, x, 0.0), code, param, grad_weight.numpy().reshape(-1),
+                       grad_bias.numpy().reshape(-1), dx.numpy())
+    return (dx, None if weight is None else grad_weight.to(x.dtype),
+            None if bias is None else grad_bias.to(x.dtype))
+
+
 def _use_torch_threads() -> None:
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
 
