@@ -167,9 +167,11 @@ def test_half_precision_keeps_working_with_numba_forced(monkeypatch, dtype):
     torch.testing.assert_close(y.float(), expected, rtol=0, atol=1e-2)
 
 
-def test_layer_norm_takes_the_fused_row_kernels_and_other_norms_do_not(monkeypatch):
-    """Row statistics (LayerNorm) run forward and backward in one kernel call each; batch,
-    group and instance statistics keep the separate statistics and normalize calls."""
+def test_per_sample_norms_take_the_fused_kernels_and_batch_norm_does_not(monkeypatch):
+    """Statistics per row (LayerNorm) or per sample and group (GroupNorm, InstanceNorm) run
+    forward and backward in one kernel call each; batch statistics keep the separate
+    statistics and normalize calls. Running statistics need the separate statistics call,
+    but the backward of such a view is still one call."""
     monkeypatch.setenv("BATCHNORM_BACKEND", "numba")
     calls = []
     for name in ("forward_batch", "backward_batch"):
@@ -179,8 +181,10 @@ def test_layer_norm_takes_the_fused_row_kernels_and_other_norms_do_not(monkeypat
                             or _f(*args))
     x = torch.randn(16, 8, 32, requires_grad=True)
     bf.layer_norm(x, (32,), torch.ones(32), torch.zeros(32)).sum().backward()
-    assert calls == ["forward_batch", "backward_batch"]
-    bf.batch_norm(x, None, None, training=True).sum().backward()
     bf.group_norm(x, 2).sum().backward()
     bf.instance_norm(x).sum().backward()
-    assert calls == ["forward_batch", "backward_batch"]
+    assert calls == ["forward_batch", "backward_batch"] * 3
+    bf.batch_norm(x, None, None, training=True).sum().backward()
+    assert len(calls) == 6
+    bf.instance_norm(x, torch.zeros(8), torch.ones(8)).sum().backward()
+    assert calls[6:] == ["backward_batch"]

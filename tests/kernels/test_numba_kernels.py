@@ -204,13 +204,13 @@ def test_ghost_batch_view_matches_float64(act):
     check_view_against_float64(x, (1, 3), (1, 1, 5, 1), act)
 
 
-def check_fused_rows_against_float64(x: torch.Tensor, act: Activation, affine: bool) -> None:
-    """forward_batch / backward_batch (one visit per row) against float64 autograd."""
-    width = x.shape[1]
-    spec = NormSpec((1,), (1, width), 1e-5, act)
+def check_fused_against_float64(x: torch.Tensor, reduce_dims, param_shape, act: Activation,
+                                affine: bool) -> None:
+    """forward_batch / backward_batch (one visit per statistics block) against float64."""
+    spec = NormSpec(tuple(reduce_dims), tuple(param_shape), 1e-5, act)
     assert numba_cpu.fuses(x, spec)
-    weight = torch.randn(1, width) * 0.5 + 1 if affine else None
-    bias = torch.randn(1, width) * 0.5 if affine else None
+    weight = torch.randn(param_shape) * 0.5 + 1 if affine else None
+    bias = torch.randn(param_shape) * 0.5 if affine else None
     dy = torch.randn_like(x)
     y, mean, invstd = numba_cpu.forward_batch(x, weight, bias, spec)
     dx, grad_weight, grad_bias = numba_cpu.backward_batch(dy, x, mean, invstd, weight, bias,
@@ -218,10 +218,11 @@ def check_fused_rows_against_float64(x: torch.Tensor, act: Activation, affine: b
     x64 = x.double().requires_grad_()
     w64, b64 = ((t.double().requires_grad_() for t in (weight, bias)) if affine
                 else (1.0, 0.0))
-    y64 = normalize64(x64, w64, b64, (1,), act)
+    y64 = normalize64(x64, w64, b64, spec.reduce_dims, act)
     y64.backward(dy.double())
-    close(mean, x64.detach().mean(1, keepdim=True))
-    close(invstd, torch.rsqrt(x64.detach().var(1, keepdim=True, correction=0) + 1e-5))
+    var64 = x64.detach().var(spec.reduce_dims, keepdim=True, correction=0)
+    close(mean, x64.detach().mean(spec.reduce_dims, keepdim=True))
+    close(invstd, torch.rsqrt(var64 + 1e-5))
     close(y, y64.detach())
     close(dx, x64.grad)
     if affine:
@@ -229,6 +230,29 @@ def check_fused_rows_against_float64(x: torch.Tensor, act: Activation, affine: b
         close(grad_bias, b64.grad)
     else:
         assert grad_weight is None and grad_bias is None
+
+
+def check_fused_rows_against_float64(x: torch.Tensor, act: Activation, affine: bool) -> None:
+    check_fused_against_float64(x, (1,), (1, x.shape[1]), act, affine)
+
+
+@SETTINGS
+@given(n=st.integers(1, 4), groups=st.integers(1, 4), per_group=st.integers(1, 4),
+       length=st.integers(2, 60), act=st.sampled_from(ACTIVATIONS), affine=st.booleans(),
+       seed=SEEDS)
+def test_fused_group_norm_view_matches_float64(n, groups, per_group, length, act, affine,
+                                               seed):
+    torch.manual_seed(seed)
+    if per_group * length < 8:
+        length = 8  # fewer values per group make the float32 problem ill-conditioned
+    view = group_view(torch.randn(n, groups * per_group, length) * 2 + 5, groups)
+    check_fused_against_float64(view.x, view.reduce_dims, view.param_shape, act, affine)
+
+
+def test_fused_instance_norm_with_long_rows_matches_float64():
+    view = group_view(torch.randn(2, 3, 3 * 4096 + 7) + 1, 3)
+    check_fused_against_float64(view.x, view.reduce_dims, view.param_shape, ACTIVATIONS[0],
+                                True)
 
 
 @SETTINGS

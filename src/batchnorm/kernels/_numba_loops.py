@@ -258,6 +258,102 @@ def column_backward_input(dy, x, mean, scale, shift, code, param, k1, k0, k2, ba
                 dx[r, c] = g * k1[c] + k0[c] + xc * k2[c]
 
 
+# ---------------------------------------------------------------- groups x (N, G, Cg, L)
+
+@njit(**_JIT)
+def group_forward(x, weight, bias, eps, code, param, y, mean, invstd):
+    """GroupNorm/InstanceNorm forward, each (sample, group) block visited once while in
+    cache: statistics over its Cg x L values (float32 chunk sums of x - first value, merged
+    in float64), then y = act((x - mean) * invstd * weight[g, c] + bias[g, c])."""
+    samples, groups, per_group, length = x.shape
+    count = per_group * length
+    for sg in prange(samples * groups):
+        n, g = sg // groups, sg % groups
+        block = x[n, g]
+        pivot = block[0, 0]
+        total = 0.0
+        total_sq = 0.0
+        for c in range(per_group):
+            for start in range(0, length, _CHUNK_LENGTH):
+                chunk = block[c, start:start + _CHUNK_LENGTH]
+                acc = np.float32(0.0)
+                acc_sq = np.float32(0.0)
+                for i in range(chunk.shape[0]):
+                    d = chunk[i] - pivot
+                    acc += d
+                    acc_sq += d * d
+                total += acc
+                total_sq += acc_sq
+        shifted = total / count
+        m = np.float32(pivot + shifted)
+        inv = np.float32(1.0 / math.sqrt(max(total_sq / count - shifted * shifted, 0.0) + eps))
+        mean[n, g] = m
+        invstd[n, g] = inv
+        for c in range(per_group):
+            scale, shift = inv * weight[g, c], bias[g, c]
+            x_row, y_row = block[c], y[n, g, c]
+            if code <= PIECEWISE_LINEAR:
+                for i in range(length):
+                    z = (x_row[i] - m) * scale + shift
+                    y_row[i] = z if z > 0 else z * param
+            else:
+                for i in range(length):
+                    y_row[i] = _act((x_row[i] - m) * scale + shift, code, param)
+
+
+@njit(**_JIT)
+def group_backward(dy, x, mean, invstd, weight, bias, code, param, sum_g, sum_g_xhat, dx):
+    """GroupNorm/InstanceNorm backward, each (sample, group) block visited once while in
+    cache: per channel sum_g[n, g, c] = sum_l g and sum_g_xhat[n, g, c] = sum_l g * x_hat
+    (g = dy * act'(z); float64, summed over samples by the caller for the parameter
+    gradients), then dx = invstd * (g * w - mean(g * w) - x_hat * mean(g * w * x_hat))."""
+    samples, groups, per_group, length = x.shape
+    count = per_group * length
+    for sg in prange(samples * groups):
+        n, g = sg // groups, sg % groups
+        m, inv = mean[n, g], invstd[n, g]
+        total_gh = 0.0
+        total_gh_xhat = 0.0
+        for c in range(per_group):
+            w, b = weight[g, c], bias[g, c]
+            x_row, dy_row = x[n, g, c], dy[n, g, c]
+            acc = np.float32(0.0)
+            acc_x = np.float32(0.0)
+            if code <= PIECEWISE_LINEAR:
+                for i in range(length):
+                    x_hat = (x_row[i] - m) * inv
+                    gi = dy_row[i]
+                    gi = gi if x_hat * w + b > 0 else gi * param
+                    acc += gi
+                    acc_x += gi * x_hat
+            else:
+                for i in range(length):
+                    x_hat = (x_row[i] - m) * inv
+                    gi = dy_row[i] * _act_grad(x_hat * w + b, code, param)
+                    acc += gi
+                    acc_x += gi * x_hat
+            sum_g[n, g, c] = acc
+            sum_g_xhat[n, g, c] = acc_x
+            total_gh += np.float64(acc) * w
+            total_gh_xhat += np.float64(acc_x) * w
+        c1 = np.float32(total_gh / count)
+        c2 = np.float32(total_gh_xhat / count)
+        for c in range(per_group):
+            w, b = weight[g, c], bias[g, c]
+            x_row, dy_row, dx_row = x[n, g, c], dy[n, g, c], dx[n, g, c]
+            if code <= PIECEWISE_LINEAR:
+                for i in range(length):
+                    x_hat = (x_row[i] - m) * inv
+                    gi = dy_row[i]
+                    gi = gi if x_hat * w + b > 0 else gi * param
+                    dx_row[i] = inv * (gi * w - c1 - x_hat * c2)
+            else:
+                for i in range(length):
+                    x_hat = (x_row[i] - m) * inv
+                    gi = dy_row[i] * _act_grad(x_hat * w + b, code, param)
+                    dx_row[i] = inv * (gi * w - c1 - x_hat * c2)
+
+
 # ---------------------------------------------------------------- rows x (R, K)
 
 @njit(**_JIT)

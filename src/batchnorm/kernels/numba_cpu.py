@@ -69,41 +69,76 @@ def prefers(x: Tensor, spec: NormSpec) -> bool:
     return True
 
 
+def _fused_layout(x: Tensor, spec: NormSpec) -> str | None:
+    """``rows`` (LayerNorm: statistics per row) or ``groups`` (GroupNorm/InstanceNorm: per
+    sample and group of an (N, G, Cg, L) view): layouts whose statistics blocks are small
+    and contiguous, so one visit per block does statistics and normalization."""
+    if _layout_of(x, spec.reduce_dims, spec.param_shape) == "rows":
+        return "rows"
+    if x.dim() == 4 and spec.reduce_dims == (2, 3) and spec.param_shape == (1, *x.shape[1:3], 1):
+        return "groups"
+    return None
+
+
 def fuses(x: Tensor, spec: NormSpec) -> bool:
-    """True where :func:`forward_batch` and :func:`backward_batch` apply: statistics per
-    row of a rows view (LayerNorm), so each row is visited once per pass."""
-    return _layout_of(x, spec.reduce_dims, spec.param_shape) == "rows"
+    """True where :func:`forward_batch` and :func:`backward_batch` apply."""
+    return _fused_layout(x, spec) is not None
+
+
+def _group_params(t: Tensor | None, x: Tensor, fill: float) -> np.ndarray:
+    if t is None:
+        return np.full(x.shape[1:3], fill, np.float32)
+    return _array(t.reshape(x.shape[1:3]))
 
 
 def forward_batch(x: Tensor, weight: Tensor | None, bias: Tensor | None, spec: NormSpec
                   ) -> tuple[Tensor, Tensor, Tensor]:
-    """y, mean and invstd (keepdim) of a rows view, statistics and normalization fused."""
+    """y, mean and invstd (keepdim) of a view normalized with its own statistics, each
+    statistics block read once from memory."""
     _use_torch_threads()
     code, param = _code(spec.activation)
-    rows = x.shape[0]
     y = torch.empty_like(x)
-    mean = torch.empty(rows, 1, dtype=x.dtype)
+    stat_shape = [1 if d in spec.reduce_dims else size for d, size in enumerate(x.shape)]
+    mean = torch.empty(stat_shape, dtype=x.dtype)
     invstd = torch.empty_like(mean)
-    loops.row_forward(x.detach().numpy(), _columns(weight, x, 1.0), _columns(bias, x, 0.0),
-                      spec.eps, code, param, y.numpy(), mean.numpy().reshape(-1),
-                      invstd.numpy().reshape(-1))
+    if _fused_layout(x, spec) == "rows":
+        loops.row_forward(x.detach().numpy(), _columns(weight, x, 1.0),
+                          _columns(bias, x, 0.0), spec.eps, code, param, y.numpy(),
+                          mean.numpy().reshape(-1), invstd.numpy().reshape(-1))
+    else:
+        loops.group_forward(x.detach().numpy(), _group_params(weight, x, 1.0),
+                            _group_params(bias, x, 0.0), spec.eps, code, param, y.numpy(),
+                            mean.numpy().reshape(x.shape[:2]),
+                            invstd.numpy().reshape(x.shape[:2]))
     return y, mean, invstd
 
 
 def backward_batch(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor,
                    weight: Tensor | None, bias: Tensor | None, spec: NormSpec
                    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """dx, dweight, dbias of a rows view normalized with its own statistics, in one pass."""
+    """dx, dweight, dbias of a view normalized with its own statistics, each statistics
+    block read once from memory."""
     _use_torch_threads()
     code, param = _code(spec.activation)
-    cols = x.shape[1]
     dx = torch.empty_like(x)
-    grad_weight = torch.zeros(1, cols, dtype=torch.float64)
-    grad_bias = torch.zeros_like(grad_weight)
-    loops.row_backward(_array(dy), x.detach().numpy(), _array(mean.reshape(-1)),
-                       _array(invstd.reshape(-1)), _columns(weight, x, 1.0),
-                       _columns(bias, x, 0.0), code, param, grad_weight.numpy().reshape(-1),
-                       grad_bias.numpy().reshape(-1), dx.numpy())
+    if _fused_layout(x, spec) == "rows":
+        grad_weight = torch.zeros(1, x.shape[1], dtype=torch.float64)
+        grad_bias = torch.zeros_like(grad_weight)
+        loops.row_backward(_array(dy), x.detach().numpy(), _array(mean.reshape(-1)),
+                           _array(invstd.reshape(-1)), _columns(weight, x, 1.0),
+                           _columns(bias, x, 0.0), code, param,
+                           grad_weight.numpy().reshape(-1), grad_bias.numpy().reshape(-1),
+                           dx.numpy())
+    else:
+        sum_g = torch.empty(x.shape[:3], dtype=torch.float64)
+        sum_g_xhat = torch.empty_like(sum_g)
+        loops.group_backward(_array(dy), x.detach().numpy(),
+                             _array(mean.reshape(x.shape[:2])),
+                             _array(invstd.reshape(x.shape[:2])), _group_params(weight, x, 1.0),
+                             _group_params(bias, x, 0.0), code, param, sum_g.numpy(),
+                             sum_g_xhat.numpy(), dx.numpy())
+        grad_weight = sum_g_xhat.sum(0).reshape(spec.param_shape)
+        grad_bias = sum_g.sum(0).reshape(spec.param_shape)
     return (dx, None if weight is None else grad_weight.to(x.dtype),
             None if bias is None else grad_bias.to(x.dtype))
 
