@@ -267,15 +267,18 @@ def test_fused_rows_longer_than_a_summation_chunk_match_float64():
     check_fused_rows_against_float64(torch.randn(3, 3 * 4096 + 5) + 2, ACTIVATIONS[1], True)
 
 
-def test_fused_rows_keep_large_offsets_accurate():
-    """Mean 1e4, std 1 in float32: outputs within 1e-3 of float64, invstd within 1e-4."""
-    x = (torch.randn(64, 768, dtype=torch.float64) + 1e4).float()
-    spec = NormSpec((1,), (1, 768), 1e-5)
-    y, _, invstd = numba_cpu.forward_batch(x, None, None, spec)
-    x64 = x.double()
-    var64 = x64.var(1, keepdim=True, correction=0)
+@pytest.mark.parametrize("make_view", [lambda x: row_view(x, 3), lambda x: group_view(x, 4)],
+                         ids=["rows", "groups"])
+def test_fused_statistics_keep_large_offsets_accurate(make_view):
+    """Mean 1e4, std 1 in float32: outputs within 1e-3 of float64, invstd within 1e-4
+    relative."""
+    view = make_view((torch.randn(8, 16, 12, 12, dtype=torch.float64) + 1e4).float())
+    spec = NormSpec(view.reduce_dims, view.param_shape, 1e-5)
+    y, _, invstd = numba_cpu.forward_batch(view.x, None, None, spec)
+    x64 = view.x.double()
+    var64 = x64.var(spec.reduce_dims, keepdim=True, correction=0)
     assert ((invstd.double() - torch.rsqrt(var64 + 1e-5)).abs() * var64.sqrt()).max() < 1e-4
-    y64 = (x64 - x64.mean(1, keepdim=True)) / torch.sqrt(var64 + 1e-5)
+    y64 = (x64 - x64.mean(spec.reduce_dims, keepdim=True)) / torch.sqrt(var64 + 1e-5)
     assert (y.double() - y64).abs().max() < 1e-3
 
 
