@@ -10,6 +10,11 @@ of three layouts, chosen from where the statistics and parameters vary:
 * columns ``(M, C)``: BatchNorm channels-last, reduced over rows;
 * rows ``(R, K)``: LayerNorm, statistics per row, parameters per column.
 
+Where each statistics block is small and contiguous (a LayerNorm row, a GroupNorm or
+InstanceNorm ``(sample, group)`` block of an ``(N, G, Cg, L)`` view), :func:`forward_batch`
+and :func:`backward_batch` also do the statistics and normalize, and the whole backward,
+in one visit per block while it is in cache.
+
 Anything else (other dtypes, devices or views) is not supported: :func:`supports` says so
 and the dispatch uses the reference.
 """
