@@ -76,28 +76,40 @@ def _merge(part, first, second):
             second[c] += part[blk, 1, c]
 
 
+@njit(inline="always", fastmath=_FAST, cache=True)
+def _pivot_sums(values, pivot):
+    """sum(values - pivot) and sum((values - pivot)^2): float32 sums of chunks of
+    ``_CHUNK_LENGTH`` values (vectorized) added in float64 (accurate)."""
+    total = 0.0
+    total_sq = 0.0
+    for start in range(0, values.shape[0], _CHUNK_LENGTH):
+        chunk = values[start:start + _CHUNK_LENGTH]
+        acc = np.float32(0.0)
+        acc_sq = np.float32(0.0)
+        for i in range(chunk.shape[0]):
+            d = chunk[i] - pivot
+            acc += d
+            acc_sq += d * d
+        total += acc
+        total_sq += acc_sq
+    return total, total_sq
+
+
+@njit(inline="always", cache=True)
+def _mean_invstd(pivot, total, total_sq, count, eps):
+    """float32 mean and 1 / sqrt(var + eps) from pivot-shifted float64 sums."""
+    shifted = total / count
+    var = max(total_sq / count - shifted * shifted, 0.0)
+    return np.float32(pivot + shifted), np.float32(1.0 / math.sqrt(var + eps))
+
+
 # ---------------------------------------------------------------- segments x (S, L)
 
 @njit(**_JIT)
 def segment_sums(x, pivot, sums, sq_sums):
     """sums[s] = sum_l (x[s, l] - pivot[s]),  sq_sums[s] = sum_l (x[s, l] - pivot[s])^2."""
     for s in prange(x.shape[0]):
-        p = pivot[s]
-        row = x[s]
-        total = 0.0
-        total_sq = 0.0
-        for start in range(0, row.shape[0], _CHUNK_LENGTH):
-            chunk = row[start:start + _CHUNK_LENGTH]
-            acc = np.float32(0.0)
-            acc_sq = np.float32(0.0)
-            for i in range(chunk.shape[0]):
-                d = chunk[i] - p
-                acc += d
-                acc_sq += d * d
-            total += acc
-            total_sq += acc_sq
-        sums[s] = total
-        sq_sums[s] = total_sq
+        sums[s], sq_sums[s] = _pivot_sums(x[s], pivot[s])
 
 
 @njit(**_JIT)
@@ -274,19 +286,10 @@ def group_forward(x, weight, bias, eps, code, param, y, mean, invstd):
         total = 0.0
         total_sq = 0.0
         for c in range(per_group):
-            for start in range(0, length, _CHUNK_LENGTH):
-                chunk = block[c, start:start + _CHUNK_LENGTH]
-                acc = np.float32(0.0)
-                acc_sq = np.float32(0.0)
-                for i in range(chunk.shape[0]):
-                    d = chunk[i] - pivot
-                    acc += d
-                    acc_sq += d * d
-                total += acc
-                total_sq += acc_sq
-        shifted = total / count
-        m = np.float32(pivot + shifted)
-        inv = np.float32(1.0 / math.sqrt(max(total_sq / count - shifted * shifted, 0.0) + eps))
+            sums = _pivot_sums(block[c], pivot)
+            total += sums[0]
+            total_sq += sums[1]
+        m, inv = _mean_invstd(pivot, total, total_sq, count, eps)
         mean[n, g] = m
         invstd[n, g] = inv
         for c in range(per_group):
@@ -380,21 +383,8 @@ def row_forward(x, weight, bias, eps, code, param, y, mean, invstd):
     for r in prange(rows):
         row, y_row = x[r], y[r]
         pivot = row[0]
-        total = 0.0
-        total_sq = 0.0
-        for start in range(0, cols, _CHUNK_LENGTH):
-            chunk = row[start:start + _CHUNK_LENGTH]
-            acc = np.float32(0.0)
-            acc_sq = np.float32(0.0)
-            for k in range(chunk.shape[0]):
-                d = chunk[k] - pivot
-                acc += d
-                acc_sq += d * d
-            total += acc
-            total_sq += acc_sq
-        shifted = total / cols
-        m = np.float32(pivot + shifted)
-        inv = np.float32(1.0 / math.sqrt(max(total_sq / cols - shifted * shifted, 0.0) + eps))
+        total, total_sq = _pivot_sums(row, pivot)
+        m, inv = _mean_invstd(pivot, total, total_sq, cols, eps)
         mean[r] = m
         invstd[r] = inv
         if code <= PIECEWISE_LINEAR:
