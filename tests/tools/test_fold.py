@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import batchnorm
+from batchnorm.bench.fold import ResidualBlock
 from batchnorm.tools import fold
 
 F32 = {"atol": 1e-5, "rtol": 1e-5}
@@ -42,29 +43,10 @@ def assert_folds_exactly(model: nn.Module, input: torch.Tensor, tolerance: dict)
     return folded
 
 
-class BasicBlock(nn.Module):
-    """ResNet basic block with a projection shortcut (conv + BN on the residual branch)."""
-
-    def __init__(self, in_channels: int, channels: int, stride: int, norm: type[nn.Module]):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, 1, bias=False)
-        self.bn1 = norm(channels)
-        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
-        self.bn2 = norm(channels)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_channels != channels:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, channels, 1, stride),
-                                          norm(channels))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
 def resnet(norm: type[nn.Module], norm1d: type[nn.Module]) -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), norm(8), nn.ReLU(),
-        BasicBlock(8, 8, 1, norm), BasicBlock(8, 16, 2, norm),
+        ResidualBlock(8, 8, 1, norm), ResidualBlock(8, 16, 2, norm, shortcut_bias=True),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 12), norm1d(12), nn.ReLU(),
         nn.Linear(12, 10))
 

@@ -15,17 +15,19 @@ import batchnorm
 from batchnorm.tools import fold
 
 
-class _Block(nn.Module):
-    """conv-BN-ReLU-conv-BN plus the (projected) shortcut, as in ResNet."""
+class ResidualBlock(nn.Module):
+    """conv-BN-ReLU-conv-BN plus the (projected) shortcut, as in ResNet. ``shortcut_bias``
+    gives the projection conv a bias, so folding must merge the BN into an existing one."""
 
-    def __init__(self, in_channels: int, channels: int, stride: int, norm: type[nn.Module]):
+    def __init__(self, in_channels: int, channels: int, stride: int, norm: type[nn.Module],
+                 shortcut_bias: bool = False):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, 1, bias=False)
         self.bn1 = norm(channels)
         self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
         self.bn2 = norm(channels)
         self.shortcut = nn.Identity() if stride == 1 and in_channels == channels else \
-            nn.Sequential(nn.Conv2d(in_channels, channels, 1, stride, bias=False),
+            nn.Sequential(nn.Conv2d(in_channels, channels, 1, stride, bias=shortcut_bias),
                           norm(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -37,8 +39,8 @@ def resnet(norm: type[nn.Module], width: int = 32) -> nn.Module:
     """A CIFAR-sized ResNet with three stages of one block each."""
     return nn.Sequential(
         nn.Conv2d(3, width, 3, 1, 1, bias=False), norm(width), nn.ReLU(),
-        _Block(width, width, 1, norm), _Block(width, 2 * width, 2, norm),
-        _Block(2 * width, 4 * width, 2, norm),
+        ResidualBlock(width, width, 1, norm), ResidualBlock(width, 2 * width, 2, norm),
+        ResidualBlock(2 * width, 4 * width, 2, norm),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * width, 10))
 
 
