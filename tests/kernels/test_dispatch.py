@@ -20,6 +20,16 @@ def spec_for(x: torch.Tensor) -> tuple[torch.Tensor, NormSpec]:
     return view.x, NormSpec(view.reduce_dims, view.param_shape, 1e-5)
 
 
+def assert_matches_float64(y, y64, dy, leaves, leaves64, grad_atol: float = 2e-5) -> None:
+    """Backpropagate dy through ours and the float64 reference; the output within 2e-5 and
+    every leaf's gradient within 2e-5 relative + ``grad_atol``."""
+    (y * dy).sum().backward()
+    (y64 * dy.double()).sum().backward()
+    torch.testing.assert_close(y.double(), y64.detach(), rtol=0, atol=2e-5)
+    for ours, ref in zip(leaves, leaves64, strict=True):
+        torch.testing.assert_close(ours.grad.double(), ref.grad, rtol=2e-5, atol=grad_atol)
+
+
 @pytest.mark.parametrize("shape,expected", [
     ((64, 32, 16, 16), numba_cpu),
     ((4, 3, 5), reference),
@@ -101,11 +111,7 @@ def test_batch_norm_training_steps_match_torch_in_float64(monkeypatch, memory_fo
                           momentum=0.2)
         y64 = F.batch_norm(leaves64[0], *ref_stats, leaves64[1], leaves64[2],
                            training=training, momentum=0.2)
-        (y * dy).sum().backward()
-        (y64 * dy.double()).sum().backward()
-        torch.testing.assert_close(y.double(), y64.detach(), rtol=0, atol=2e-5)
-        for ours, ref in zip(leaves, leaves64, strict=True):
-            torch.testing.assert_close(ours.grad.double(), ref.grad, rtol=2e-5, atol=2e-5)
+        assert_matches_float64(y, y64, dy, leaves, leaves64)
         for ours, ref in zip(ours_stats, ref_stats, strict=True):
             torch.testing.assert_close(ours.double(), ref, rtol=2e-6, atol=1e-6)
 
@@ -125,12 +131,7 @@ def test_row_normalizations_match_torch_in_float64(monkeypatch, case):
     leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
     leaves64 = [t.double().requires_grad_() for t in (x, weight, bias)]
     y, y64 = calls[case](bf, *leaves), calls[case](F, *leaves64)
-    dy = torch.randn_like(y)
-    (y * dy).sum().backward()
-    (y64 * dy.double()).sum().backward()
-    torch.testing.assert_close(y.double(), y64.detach(), rtol=0, atol=2e-5)
-    for ours, ref in zip(leaves, leaves64, strict=True):
-        torch.testing.assert_close(ours.grad.double(), ref.grad, rtol=2e-5, atol=2e-5)
+    assert_matches_float64(y, y64, torch.randn_like(y), leaves, leaves64)
 
 
 @pytest.mark.parametrize("name,param", [("relu", None), ("leaky_relu", 0.1), ("elu", 0.5),
@@ -148,12 +149,7 @@ def test_fused_activation_gradients_match_unfused_float64(monkeypatch, name, par
     y64 = {"relu": torch.relu, "silu": F.silu,
            "leaky_relu": lambda t: F.leaky_relu(t, act.param),
            "elu": lambda t: F.elu(t, act.param)}[name](z64)
-    dy = torch.randn_like(y)
-    (y * dy).sum().backward()
-    (y64 * dy.double()).sum().backward()
-    torch.testing.assert_close(y.double(), y64.detach(), rtol=0, atol=2e-5)
-    for ours, ref in zip(leaves, leaves64, strict=True):
-        torch.testing.assert_close(ours.grad.double(), ref.grad, rtol=2e-5, atol=5e-5)
+    assert_matches_float64(y, y64, torch.randn_like(y), leaves, leaves64, grad_atol=5e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
