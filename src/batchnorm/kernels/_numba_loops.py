@@ -360,21 +360,6 @@ def group_backward(dy, x, mean, invstd, weight, bias, code, param, sum_g, sum_g_
 # ---------------------------------------------------------------- rows x (R, K)
 
 @njit(**_JIT)
-def row_normalize(x, mean, invstd, weight, bias, code, param, y):
-    """y[r, k] = act((x[r, k] - mean[r]) * invstd[r] * weight[k] + bias[k])."""
-    rows, cols = x.shape
-    for r in prange(rows):
-        m, inv = mean[r], invstd[r]
-        if code <= PIECEWISE_LINEAR:
-            for k in range(cols):
-                z = (x[r, k] - m) * (inv * weight[k]) + bias[k]
-                y[r, k] = z if z > 0 else z * param
-        else:
-            for k in range(cols):
-                y[r, k] = _act((x[r, k] - m) * (inv * weight[k]) + bias[k], code, param)
-
-
-@njit(**_JIT)
 def row_forward(x, weight, bias, eps, code, param, y, mean, invstd):
     """Statistics and normalization of each row in one visit while it is in cache:
     mean[r], invstd[r] from float32 chunk sums of x - x[r, 0] merged in float64, then
@@ -400,8 +385,8 @@ def row_forward(x, weight, bias, eps, code, param, y, mean, invstd):
 def row_backward(dy, x, mean, invstd, weight, bias, code, param, grad_weight, grad_bias, dx):
     """The whole backward of row statistics, each row visited once while in cache:
     g = dy * act'(z), m1 = mean_k(g * weight), m2 = mean_k(g * weight * x_hat), then
-    dx[r, k] = invstd[r] * (g * weight[k] - m1 - x_hat * m2); grad_weight and grad_bias
-    as in :func:`row_backward_sums`."""
+    dx[r, k] = invstd[r] * (g * weight[k] - m1 - x_hat * m2); grad_weight[k] = sum_r g * x_hat
+    and grad_bias[k] = sum_r g, from float32 row-chunk partials merged in block order."""
     rows, cols = x.shape
     blocks = max(1, min(_MAX_BLOCKS, rows // _CHUNK_ROWS))
     part = np.zeros((blocks, 2, cols))
@@ -437,67 +422,3 @@ def row_backward(dy, x, mean, invstd, weight, bias, code, param, grad_weight, gr
             if (r - start) % _CHUNK_ROWS == _CHUNK_ROWS - 1 or r == stop - 1:
                 _flush(part, blk, acc_w, acc_b)
     _merge(part, grad_weight, grad_bias)
-
-
-@njit(**_JIT)
-def row_backward_sums(dy, x, mean, invstd, weight, bias, code, param, sum_gh, sum_gh_xhat,
-                      grad_weight, grad_bias):
-    """g = dy * act'(z), gh = g * weight[k], x_hat = (x - mean[r]) * invstd[r]:
-    per row sum_gh[r], sum_gh_xhat[r]; per column grad_weight[k] = sum_r g * x_hat and
-    grad_bias[k] = sum_r g, from float32 row-chunk partials merged in block order."""
-    rows, cols = x.shape
-    blocks = max(1, min(_MAX_BLOCKS, rows // _CHUNK_ROWS))
-    part = np.zeros((blocks, 2, cols))
-    for blk in prange(blocks):
-        start, stop = blk * rows // blocks, (blk + 1) * rows // blocks
-        acc_w = np.zeros(cols, np.float32)
-        acc_b = np.zeros(cols, np.float32)
-        for r in range(start, stop):
-            m, inv = mean[r], invstd[r]
-            x_row, dy_row = x[r], dy[r]
-            row_gh = np.float32(0.0)
-            row_gh_xhat = np.float32(0.0)
-            if code <= PIECEWISE_LINEAR:
-                for k in range(cols):
-                    x_hat = (x_row[k] - m) * inv
-                    g = dy_row[k]
-                    g = g if x_hat * weight[k] + bias[k] > 0 else g * param
-                    acc_w[k] += g * x_hat
-                    acc_b[k] += g
-                    row_gh += g * weight[k]
-                    row_gh_xhat += g * weight[k] * x_hat
-            else:
-                for k in range(cols):
-                    x_hat = (x_row[k] - m) * inv
-                    g = dy_row[k] * _act_grad(x_hat * weight[k] + bias[k], code, param)
-                    acc_w[k] += g * x_hat
-                    acc_b[k] += g
-                    row_gh += g * weight[k]
-                    row_gh_xhat += g * weight[k] * x_hat
-            sum_gh[r] = row_gh
-            sum_gh_xhat[r] = row_gh_xhat
-            if (r - start) % _CHUNK_ROWS == _CHUNK_ROWS - 1 or r == stop - 1:
-                _flush(part, blk, acc_w, acc_b)
-    _merge(part, grad_weight, grad_bias)
-
-
-@njit(**_JIT)
-def row_backward_input(dy, x, mean, invstd, weight, bias, code, param, m1, m2, batch_stats,
-                       dx):
-    """dx[r, k] = invstd[r] * (g * weight[k] - m1[r] - x_hat * m2[r])."""
-    rows, cols = x.shape
-    for r in prange(rows):
-        m, inv = mean[r], invstd[r]
-        c1 = m1[r] if batch_stats else np.float32(0.0)
-        c2 = m2[r] if batch_stats else np.float32(0.0)
-        if code <= PIECEWISE_LINEAR:
-            for k in range(cols):
-                x_hat = (x[r, k] - m) * inv
-                g = dy[r, k]
-                g = g if x_hat * weight[k] + bias[k] > 0 else g * param
-                dx[r, k] = inv * (g * weight[k] - c1 - x_hat * c2)
-        else:
-            for k in range(cols):
-                x_hat = (x[r, k] - m) * inv
-                g = dy[r, k] * _act_grad(x_hat * weight[k] + bias[k], code, param)
-                dx[r, k] = inv * (g * weight[k] - c1 - x_hat * c2)

@@ -1,19 +1,20 @@
 """Numba CPU kernels for float32 canonical views, with the reference's four functions.
 
 Each view is handed to the compiled loops of :mod:`batchnorm.kernels._numba_loops` in one
-of three layouts, chosen from where the statistics and parameters vary:
+of these layouts, chosen from where the statistics and parameters vary:
 
 * segments ``(S, L)``: the last dim is reduced and the parameters are constant along it
   (BatchNorm ``(P, C, Q)``, GroupNorm/InstanceNorm ``(N, G, Cg, L)``, LayerNorm without
   parameters); per-segment scalars are the keepdim statistics expanded over the leading
   dims, and the per-segment sums are folded into statistics by torch in float64;
 * columns ``(M, C)``: BatchNorm channels-last, reduced over rows;
-* rows ``(R, K)``: LayerNorm, statistics per row, parameters per column.
+* rows ``(R, K)``: LayerNorm, statistics per row, parameters per column; these only run
+  fused (below), since a LayerNorm always normalizes with its own statistics.
 
 Where each statistics block is small and contiguous (a LayerNorm row, a GroupNorm or
 InstanceNorm ``(sample, group)`` block of an ``(N, G, Cg, L)`` view), :func:`forward_batch`
-and :func:`backward_batch` also do the statistics and normalize, and the whole backward,
-in one visit per block while it is in cache.
+and :func:`backward_batch` do the statistics and normalize, and the whole backward, in one
+visit per block while it is in cache.
 
 Anything else (other dtypes, devices or views) is not supported: :func:`supports` says so
 and the dispatch uses the reference.
@@ -173,7 +174,10 @@ def _call_layout(x: Tensor, stat: Tensor, weight: Tensor | None, bias: Tensor | 
     """The layout of a call, from the shapes of its statistics and parameters."""
     if stat.shape[-1] == 1 and all(p is None or p.shape[-1] == 1 for p in (weight, bias)):
         return "segments"
-    return "columns" if stat.shape[-1] == x.shape[-1] else "rows"
+    if stat.shape[-1] == x.shape[-1]:
+        return "columns"
+    raise ValueError("row statistics with per-column parameters (LayerNorm) run through "
+                     "forward_batch and backward_batch")
 
 
 def _per(layout: str, t: Tensor | None, x: Tensor, fill: float) -> np.ndarray:
@@ -228,10 +232,6 @@ def normalize(x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None,
     code, param = _code(act)
     xa, ya = x.detach().numpy(), y.numpy()
     layout = _call_layout(x, mean, weight, bias)
-    if layout == "rows":
-        loops.row_normalize(xa, _array(mean.reshape(-1)), _array(invstd.reshape(-1)),
-                            _columns(weight, x, 1.0), _columns(bias, x, 0.0), code, param, ya)
-        return y
     kernel = loops.segment_normalize if layout == "segments" else loops.column_normalize
     kernel(_rows_of(layout, xa), _per(layout, mean, x, 0.0),
            _per(layout, _scale(invstd, weight), x, 1.0), _per(layout, bias, x, 0.0), code,
@@ -253,30 +253,20 @@ def backward_reduce(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight:
     code, param = _code(spec.activation)
     xa, dya = x.detach().numpy(), _array(dy)
     layout = _call_layout(x, mean, weight, bias)
-    if layout == "rows":
-        rows, cols = x.shape
-        s1 = torch.zeros(rows, 1, dtype=torch.float64)
-        s2 = torch.zeros_like(s1)
-        grad_weight = torch.zeros(1, cols, dtype=torch.float64)
-        grad_bias = torch.zeros_like(grad_weight)
-        loops.row_backward_sums(dya, xa, _array(mean.reshape(-1)), _array(invstd.reshape(-1)),
-                                _columns(weight, x, 1.0), _columns(bias, x, 0.0), code, param,
-                                *(t.numpy().reshape(-1) for t in (s1, s2, grad_weight, grad_bias)))
-    else:
-        stat_shape = (*x.shape[:-1], 1) if layout == "segments" else (1, x.shape[-1])
-        sum_g = torch.zeros(stat_shape, dtype=torch.float64)
-        sum_g_xc = torch.zeros_like(sum_g)
-        kernel = (loops.segment_backward_sums if layout == "segments"
-                  else loops.column_backward_sums)
-        kernel(_rows_of(layout, dya), _rows_of(layout, xa), _per(layout, mean, x, 0.0),
-               _per(layout, _scale(invstd, weight), x, 1.0), _per(layout, bias, x, 0.0), code,
-               param, sum_g.numpy().reshape(-1), sum_g_xc.numpy().reshape(-1))
-        sum_g_xhat = sum_g_xc * invstd.double()
-        grad_weight = sum_g_xhat.sum(spec.param_dims, keepdim=True)
-        grad_bias = sum_g.sum(spec.param_dims, keepdim=True)
-        w = 1.0 if weight is None else weight.double()
-        s1 = (sum_g * w).sum(spec.reduce_dims, keepdim=True)
-        s2 = (sum_g_xhat * w).sum(spec.reduce_dims, keepdim=True)
+    stat_shape = (*x.shape[:-1], 1) if layout == "segments" else (1, x.shape[-1])
+    sum_g = torch.zeros(stat_shape, dtype=torch.float64)
+    sum_g_xc = torch.zeros_like(sum_g)
+    kernel = (loops.segment_backward_sums if layout == "segments"
+              else loops.column_backward_sums)
+    kernel(_rows_of(layout, dya), _rows_of(layout, xa), _per(layout, mean, x, 0.0),
+           _per(layout, _scale(invstd, weight), x, 1.0), _per(layout, bias, x, 0.0), code,
+           param, sum_g.numpy().reshape(-1), sum_g_xc.numpy().reshape(-1))
+    sum_g_xhat = sum_g_xc * invstd.double()
+    grad_weight = sum_g_xhat.sum(spec.param_dims, keepdim=True)
+    grad_bias = sum_g.sum(spec.param_dims, keepdim=True)
+    w = 1.0 if weight is None else weight.double()
+    s1 = (sum_g * w).sum(spec.reduce_dims, keepdim=True)
+    s2 = (sum_g_xhat * w).sum(spec.reduce_dims, keepdim=True)
     return (None if weight is None else grad_weight.to(x.dtype),
             None if bias is None else grad_bias.to(x.dtype), s1.to(x.dtype), s2.to(x.dtype))
 
@@ -294,12 +284,6 @@ def backward_input(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: 
     dx = torch.empty_like(x)
     xa, dya, dxa = x.detach().numpy(), _array(dy), dx.numpy()
     layout = _call_layout(x, mean, weight, bias)
-    if layout == "rows":
-        loops.row_backward_input(dya, xa, _array(mean.reshape(-1)), _array(invstd.reshape(-1)),
-                                 _columns(weight, x, 1.0), _columns(bias, x, 0.0), code, param,
-                                 _array(m1.reshape(-1)), _array(m2.reshape(-1)), batch_stats,
-                                 dxa)
-        return dx
     k1 = _scale(invstd, weight)
     kernel = (loops.segment_backward_input if layout == "segments"
               else loops.column_backward_input)
