@@ -1,28 +1,36 @@
-"""Pure-torch kernels: any device, any dtype, any view. Half precision accumulates in float32.
+"""The kernel primitives in plain torch ops: any device, any float dtype. The specification
+the compiled kernels (C++ on CPU, Triton on CUDA) are tested against.
 
-Every backend implements the same four functions on a view ``x`` with keepdim statistics:
+Two canonical views cover every normalization (see :mod:`batchnorm.core.layout`):
 
-    moments(x, dims)                      -> mean, var            (biased variance)
-    normalize(x, mean, invstd, w, b, act) -> y = act((x - mean) * invstd * w + b)
-    backward_reduce(dy, x, ...)           -> dw, db, s1, s2
-    backward_input(dy, x, ..., m1, m2)    -> dx
+* channels ``x (P, C, Q)``: statistics per (chunk, channel), where chunk ``a`` is the rows
+  ``[a * chunk, (a + 1) * chunk)`` of dim 0 (the last chunk may be shorter), reduced over
+  those rows and over Q. BatchNorm is one chunk (``chunk >= P``); ghost batches and
+  InstanceNorm are several. Per-(chunk, channel) tables have shape ``(A, C)``,
+  ``A = ceil(P / chunk)``.
+* rows ``x (R, K)``: LayerNorm, statistics per row, parameters per column.
 
-with g = dy * act'(z), gh = g * w and x_hat = (x - mean) * invstd:
+With ``z = (x - mean) * scale + shift`` (per-(chunk, channel) tables),
+``g = dy * act'(z)``::
 
-    dw = sum_P(g * x_hat),  db = sum_P(g)            P: dims a parameter broadcasts over
-    s1 = sum_R(gh),         s2 = sum_R(gh * x_hat)   R: reduced dims
-    dx = invstd * (gh - m1 - x_hat * m2)             m1 = s1 / n, m2 = s2 / n (0 in eval)
+    channel_stats(x, chunk)                         -> mean, var        (biased)
+    channel_normalize(x, mean, scale, shift, ...)   -> act(z)
+    channel_backward_reduce(dy, x, mean, scale, shift, ...) -> sum(g), sum(g * (x - mean))
+    channel_backward_input(dy, x, mean, scale, shift, k1, k0, k2, ...)
+                                                    -> g * k1 + k0 + (x - mean) * k2
+
+Tables and sums are in the accumulation dtype (float32 for half inputs, else the input's);
+outputs are in the input's dtype.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-from batchnorm.core.activation import Activation
-from batchnorm.core.spec import NormSpec
-
-name = "torch"
+ACTIVATIONS = ("identity", "relu", "leaky_relu", "elu", "silu")
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -30,89 +38,140 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _acc(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.to(accumulation_dtype(t.dtype))
+def _acc(t: Tensor) -> Tensor:
+    return t.to(accumulation_dtype(t.dtype))
 
 
-def moments(x: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor]:
-    """Shifted two-pass mean and biased variance: subtracting one sample per group first
-    keeps a large common offset out of the sums, so float32 input with mean 1e4 and
-    std 1 still gets its variance to ~1e-6 relative."""
-    xa = _acc(x)
-    pivot = xa
-    for d in dims:
-        pivot = pivot.narrow(d, 0, 1)
-    shifted = xa - pivot
-    shifted_mean = shifted.mean(dims, keepdim=True)
-    var = (shifted - shifted_mean).square().mean(dims, keepdim=True)
-    return pivot + shifted_mean, var
-
-
-def activation_forward(z: Tensor, act: Activation) -> Tensor:
-    if act.name == "relu":
+def activation_forward(z: Tensor, name: str, param: float) -> Tensor:
+    if name == "relu":
         return torch.relu(z)
-    if act.name == "leaky_relu":
-        return torch.where(z > 0, z, z * act.param)
-    if act.name == "elu":
-        return torch.where(z > 0, z, torch.expm1(z) * act.param)
-    if act.name == "silu":
+    if name == "leaky_relu":
+        return torch.where(z > 0, z, z * param)
+    if name == "elu":
+        return torch.where(z > 0, z, torch.expm1(z) * param)
+    if name == "silu":
         return z * torch.sigmoid(z)
     return z
 
 
-def activation_grad(z: Tensor, act: Activation) -> Tensor:
+def activation_grad(z: Tensor, name: str, param: float) -> Tensor:
     """d act / dz, from the pre-activation z (recomputed in backward, never saved)."""
-    if act.name == "relu":
+    if name == "relu":
         return (z > 0).to(z.dtype)
-    if act.name == "leaky_relu":
-        return torch.ones_like(z).masked_fill_(z <= 0, act.param)
-    if act.name == "elu":
-        return torch.where(z > 0, torch.ones_like(z), torch.exp(z) * act.param)
-    if act.name == "silu":
+    if name == "leaky_relu":
+        return torch.ones_like(z).masked_fill_(z <= 0, param)
+    if name == "elu":
+        return torch.where(z > 0, torch.ones_like(z), torch.exp(z) * param)
+    if name == "silu":
         s = torch.sigmoid(z)
         return s * (1 + z * (1 - s))
-    raise AssertionError(f"no gradient for {act.name}")
+    return torch.ones_like(z)
 
 
-def _affine(x_hat: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
-    z = x_hat if weight is None else x_hat * _acc(weight)
-    return z if bias is None else z + _acc(bias)
+def chunks(rows: int, chunk: int) -> int:
+    """Statistics groups along dim 0 of a channels view."""
+    return max(1, math.ceil(rows / chunk)) if rows else 0
 
 
-def normalize(x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None,
-              bias: Tensor | None, act: Activation) -> Tensor:
-    z = _affine((_acc(x) - mean) * invstd, weight, bias)
-    return activation_forward(z, act).to(x.dtype)
+def chunk_counts(rows: int, chunk: int, quantity: int, dtype: torch.dtype,
+                 device: torch.device) -> Tensor:
+    """Values behind each chunk's statistics: ``chunk * Q``, the last chunk's possibly fewer."""
+    counts = torch.full((chunks(rows, chunk),), float(chunk * quantity), dtype=dtype,
+                        device=device)
+    if rows % chunk:
+        counts[-1] = (rows % chunk) * quantity
+    return counts
 
 
-def _gated_grad(dy: Tensor, x_hat: Tensor, weight: Tensor | None, bias: Tensor | None,
-                act: Activation) -> Tensor:
+def _per_row(table: Tensor, rows: int, chunk: int) -> Tensor:
+    """An (A, C) table expanded to one row per row of a (P, C, Q) view: (P, C, 1)."""
+    return table.repeat_interleave(chunk, dim=0)[:rows].unsqueeze(-1)
+
+
+def _chunk_sums(values: Tensor, chunk: int) -> Tensor:
+    """Sums of a (P, C, Q) tensor over each chunk's rows and Q: (A, C)."""
+    rows = values.shape[0]
+    whole = rows - rows % chunk
+    parts = []
+    if whole:
+        parts.append(values[:whole].reshape(whole // chunk, chunk, *values.shape[1:]).sum((1, 3)))
+    if whole < rows:
+        parts.append(values[whole:].sum((0, 2)).unsqueeze(0))
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def channel_stats(x: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
+    """Shifted two-pass mean and biased variance per (chunk, channel): subtracting one
+    value per group first keeps a large common offset out of the sums, so float32 input
+    with mean 1e4 and std 1 still gets its variance to ~1e-6 relative."""
+    xa = _acc(x)
+    rows, quantity = x.shape[0], x.shape[2]
+    counts = chunk_counts(rows, chunk, quantity, xa.dtype, x.device).unsqueeze(1)
+    pivot = xa[::chunk, :, 0]
+    shifted = xa - _per_row(pivot, rows, chunk)
+    shifted_mean = _chunk_sums(shifted, chunk) / counts
+    centered = shifted - _per_row(shifted_mean, rows, chunk)
+    var = _chunk_sums(centered.square(), chunk) / counts
+    return pivot + shifted_mean, var
+
+
+def _pre_activation(x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor, chunk: int
+                    ) -> tuple[Tensor, Tensor]:
+    rows = x.shape[0]
+    centered = _acc(x) - _per_row(mean, rows, chunk)
+    return centered, centered * _per_row(scale, rows, chunk) + _per_row(shift, rows, chunk)
+
+
+def channel_normalize(x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor, chunk: int,
+                      activation: str, param: float) -> Tensor:
+    _, z = _pre_activation(x, mean, scale, shift, chunk)
+    return activation_forward(z, activation, param).to(x.dtype)
+
+
+def _gated(dy: Tensor, z: Tensor, activation: str, param: float) -> Tensor:
     g = _acc(dy)
-    if not act.is_identity:
-        g = g * activation_grad(_affine(x_hat, weight, bias), act)
-    return g
+    return g if activation == "identity" else g * activation_grad(z, activation, param)
 
 
-def backward_reduce(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None,
-                    bias: Tensor | None, spec: NormSpec
-                    ) -> tuple[Tensor | None, Tensor | None, Tensor, Tensor]:
-    x_hat = (_acc(x) - mean) * invstd
-    g = _gated_grad(dy, x_hat, weight, bias, spec.activation)
-    param_dims = spec.param_dims
-    grad_weight = None if weight is None else (g * x_hat).sum(param_dims, keepdim=True)
-    grad_bias = None if bias is None else g.sum(param_dims, keepdim=True)
+def channel_backward_reduce(dy: Tensor, x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor,
+                            chunk: int, activation: str, param: float
+                            ) -> tuple[Tensor, Tensor]:
+    centered, z = _pre_activation(x, mean, scale, shift, chunk)
+    g = _gated(dy, z, activation, param)
+    return _chunk_sums(g, chunk), _chunk_sums(g * centered, chunk)
+
+
+def channel_backward_input(dy: Tensor, x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor,
+                           k1: Tensor, k0: Tensor, k2: Tensor, chunk: int, activation: str,
+                           param: float) -> Tensor:
+    rows = x.shape[0]
+    centered, z = _pre_activation(x, mean, scale, shift, chunk)
+    g = _gated(dy, z, activation, param)
+    dx = (g * _per_row(k1, rows, chunk) + _per_row(k0, rows, chunk)
+          + centered * _per_row(k2, rows, chunk))
+    return dx.to(x.dtype)
+
+
+def rows_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """LayerNorm of each row of ``x (R, K)``: y, mean (R,), invstd (R,)."""
+    mean, var = channel_stats(x.unsqueeze(1), 1)
+    mean, invstd = mean.view(-1, 1), torch.rsqrt(var.view(-1, 1) + eps)
+    y = (_acc(x) - mean) * invstd
+    if weight is not None:
+        y = y * _acc(weight)
+    if bias is not None:
+        y = y + _acc(bias)
+    return y.to(x.dtype), mean.view(-1), invstd.view(-1)
+
+
+def rows_backward(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """dx, and the column sums ``sum_r(dy * x_hat)``, ``sum_r(dy)`` (accumulation dtype),
+    with ``dx = invstd * (gh - mean_k(gh) - x_hat * mean_k(gh * x_hat))``, ``gh = dy * w``."""
+    g = _acc(dy)
+    x_hat = (_acc(x) - mean.unsqueeze(1)) * invstd.unsqueeze(1)
     gh = g if weight is None else g * _acc(weight)
-    s1 = gh.sum(spec.reduce_dims, keepdim=True)
-    s2 = (gh * x_hat).sum(spec.reduce_dims, keepdim=True)
-    return grad_weight, grad_bias, s1, s2
-
-
-def backward_input(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None,
-                   bias: Tensor | None, spec: NormSpec, m1: Tensor | None,
-                   m2: Tensor | None) -> Tensor:
-    x_hat = (_acc(x) - mean) * invstd
-    g = _gated_grad(dy, x_hat, weight, bias, spec.activation)
-    gh = g if weight is None else g * _acc(weight)
-    if m1 is not None:
-        gh = gh - m1 - x_hat * m2
-    return (gh * invstd).to(x.dtype)
+    dx = invstd.unsqueeze(1) * (gh - gh.mean(1, keepdim=True)
+                                - x_hat * (gh * x_hat).mean(1, keepdim=True))
+    return dx.to(x.dtype), (g * x_hat).sum(0), g.sum(0)
