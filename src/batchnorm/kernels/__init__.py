@@ -11,6 +11,7 @@ compiled backend is unavailable. ``BATCHNORM_BACKEND`` (read once, at import) or
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Iterator
 from types import ModuleType
@@ -49,6 +50,7 @@ def use_backend(name: str | None) -> Iterator[None]:
         _forced = previous
 
 
+@functools.cache
 def _cpp() -> ModuleType | None:
     try:  # TODO(merge): the C++ kernels land from their branch
         from batchnorm.kernels import cpu
@@ -57,6 +59,7 @@ def _cpp() -> ModuleType | None:
     return cpu if cpu.available() else None
 
 
+@functools.cache
 def _triton(device_type: str) -> ModuleType | None:
     try:
         from batchnorm.kernels import triton_kernels
