@@ -268,3 +268,11 @@ def test_batchnorm_subclasses_with_an_unknown_forward_are_left_and_reported():
     assert count(folded, ScaledBatchNorm) == 1 and count(folded, BatchNormAct2d) == 1
     assert count(folded, nn.BatchNorm2d) == 2  # the plain one folded
     assert torch.equal(folded.get_submodule("0").weight, model[0].weight)  # not folded into
+
+
+def test_synchronized_batchnorms_fold_like_plain_ones():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), batchnorm.SyncBatchNorm(4, activation="relu"),
+                          nn.Conv2d(4, 4, 1), nn.SyncBatchNorm(4))
+    model = trained_stats(model, (8, 3, 6, 6), dtype=torch.float64)
+    folded = assert_folds_exactly(model, torch.randn(3, 3, 6, 6, dtype=torch.float64), F64)
+    assert count(folded, _BatchNorm) == 0 and count(folded, nn.ReLU) == 1

@@ -14,6 +14,7 @@ from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 from batchnorm.modules.batchnorm import _BatchNormForward
 from batchnorm.modules.frozen import FrozenBatchNorm
+from batchnorm.modules.syncbn import SyncBatchNorm
 
 # Eval-mode BatchNorms: per-channel affine maps once their statistics are fixed.
 BATCHNORMS = (_BatchNorm, FrozenBatchNorm)
@@ -64,7 +65,7 @@ def is_known_batchnorm(module: nn.Module) -> bool:
     its fused activation, if any): torch's exact classes and ours. A subclass that
     overrides ``forward`` may compute anything else (an activation, a scale)."""
     return type(module) in _TORCH_BATCHNORMS or type(module).forward in (
-        _BatchNormForward.forward, FrozenBatchNorm.forward)
+        _BatchNormForward.forward, SyncBatchNorm.forward, FrozenBatchNorm.forward)
 
 
 def _channel_axis_matches(layer: nn.Module, bn: nn.Module) -> bool:
