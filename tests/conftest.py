@@ -9,6 +9,7 @@ files. Without them the tests skip with a loud reason, except under CI
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,9 @@ import pytest
 from batchnorm.data import default_data_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# Test helpers shared by several folders (``lookalikes``) import by module name, which
+# pytest's importlib mode does not provide.
+sys.path.insert(0, str(Path(__file__).parent))
 
 
 @pytest.fixture

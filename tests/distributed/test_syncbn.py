@@ -25,6 +25,8 @@ from workers import (
     STEPS,
     Case,
     global_batch,
+    mismatch_worker,
+    mode_mismatch_worker,
     parity_worker,
     set_affine,
     timeout_worker,
@@ -112,6 +114,8 @@ def test_one_collective_in_forward_one_in_backward_none_in_eval(
         world_size: int, spawned: Callable[[int], list[dict[str, Any]]]) -> None:
     for rank, results in enumerate(spawned(world_size)):
         calls = results["collectives"]
+        # the first forward also checks that the processes agree on channels and dtype
+        assert calls["first_forward"] == ["all_gather", "all_gather"], rank
         assert calls["train_forward"] == ["all_gather"], rank
         assert calls["train_backward"] == ["all_reduce"], rank
         assert calls["forward_without_input_grad"] == ["all_gather"], rank
@@ -145,4 +149,29 @@ def test_skipped_layer_on_another_rank_raises_naming_the_layer_within_the_timeou
                            bound_s=60.0)[0]
     assert "SyncBatchNorm 'block.bn'" in result["outcome"], result["outcome"]
     assert "forward all_gather" in result["outcome"]
+    assert timeout_s * 0.9 <= result["elapsed"] <= timeout_s + margin_s, result["elapsed"]
+
+
+def test_ranks_disagreeing_on_channels_or_dtype_raise_on_every_rank_naming_each_shape(
+        tmp_path: Path) -> None:
+    results = run_processes(mismatch_worker, 2, tmp_path, bound_s=60.0)
+    for kind, shapes in (("channels", ("(3, 4, 2, 2) float32", "(4, 5, 2, 2) float32")),
+                         ("dtype", ("(3, 4, 2, 2) float32", "(4, 4, 2, 2) float64"))):
+        for rank, rank_results in enumerate(results):
+            result = rank_results[kind]
+            message = result["outcome"]
+            assert "SyncBatchNorm 'block.bn'" in message, (kind, rank, message)
+            assert f"rank 0: {shapes[0]}" in message and f"rank 1: {shapes[1]}" in message, \
+                (kind, rank, message)
+            assert result["running_var_unchanged"] and result["num_batches_tracked"] == 0
+
+
+def test_rank_in_eval_while_another_trains_fails_after_the_layers_own_timeout(
+        tmp_path: Path) -> None:
+    timeout_s, margin_s = 2.0, 5.0
+    release = torch.multiprocessing.get_context("spawn").Event()
+    result = run_processes(mode_mismatch_worker, 2, tmp_path, release, timeout_s, bound_s=90.0,
+                           timeout_s=60.0)[0]  # the process group would wait 60 s
+    assert "SyncBatchNorm 'bn'" in result["outcome"], result["outcome"]
+    assert "eval mode" in result["outcome"] and f"{timeout_s:g} s" in result["outcome"]
     assert timeout_s * 0.9 <= result["elapsed"] <= timeout_s + margin_s, result["elapsed"]

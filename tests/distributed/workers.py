@@ -137,6 +137,8 @@ def count_collectives(rank: int) -> dict[str, Any]:
     calls: dict[str, Any] = {}
     with CollectiveCounter() as counter:
         x = torch.randn(3 + rank, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+        layer(x.detach())
+        calls["first_forward"] = counter.take()
         y = layer(x)
         calls["train_forward"] = counter.take()
         y.sum().backward()
@@ -187,4 +189,46 @@ def timeout_worker(rank: int, world_size: int, release: Any) -> dict[str, Any]:
         outcome = str(error)
     elapsed = time.monotonic() - start
     release.set()
+    return {"outcome": outcome, "elapsed": elapsed}
+
+
+def mismatch_worker(rank: int, world_size: int) -> dict[str, Any]:
+    """Rank 1 builds its layer with more channels, then (a fresh layer) feeds float64 where
+    rank 0 feeds float32; each rank reports its error and whether its state stayed."""
+    results = {}
+    for kind in ("channels", "dtype"):
+        channels = 4 + rank if kind == "channels" else 4
+        dtype = torch.float64 if kind == "dtype" and rank == 1 else torch.float32
+        model = convert_sync_batchnorm(nn.Sequential(OrderedDict(block=nn.Sequential(
+            OrderedDict(bn=nn.BatchNorm2d(channels, dtype=dtype))))))
+        layer = model.block.bn
+        before = layer.running_var.clone()
+        try:
+            model(torch.randn(3 + rank, channels, 2, 2, dtype=dtype))
+            outcome = "completed"
+        except ValueError as error:
+            outcome = str(error)
+        results[kind] = {"outcome": outcome,
+                         "running_var_unchanged": torch.equal(layer.running_var, before),
+                         "num_batches_tracked": int(layer.num_batches_tracked)}
+    return results
+
+
+def mode_mismatch_worker(rank: int, world_size: int, release: Any, timeout: float
+                         ) -> dict[str, Any]:
+    """Rank 1 runs the model in eval mode, rank 0 trains: rank 0 must fail after the
+    layer's own ``timeout``, well before the process group's."""
+    model = convert_sync_batchnorm(nn.Sequential(OrderedDict(bn=nn.BatchNorm2d(3))),
+                                   timeout=timeout)
+    start = time.monotonic()
+    try:
+        model.train(rank == 0)(torch.randn(4, 3, 2, 2))
+        outcome = "completed"
+    except RuntimeError as error:
+        outcome = str(error)
+    elapsed = time.monotonic() - start
+    if rank == 1:
+        release.wait(60)  # stay alive (a dead peer fails fast; this tests the timeout)
+    else:
+        release.set()
     return {"outcome": outcome, "elapsed": elapsed}

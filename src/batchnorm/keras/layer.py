@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_lazy
 from torch.utils.hooks import RemovableHandle
 
 from batchnorm import functional, ops
@@ -48,13 +50,15 @@ def _check_number(name: str, value: float, low: float, high: float, *,
         raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
 
 
-class BatchNormalization(nn.Module):
+class BatchNormalization(LazyModuleMixin, nn.Module):
     """``tf.keras.layers.BatchNormalization`` (tf_keras 2.21) for torch tensors.
 
     Parameters (``gamma``, ``beta``) and buffers (``moving_mean``, ``moving_variance``,
     with renorm also ``moving_stddev``, ``renorm_mean``, ``renorm_stddev``), all of shape
-    ``[C]``, are created on the first call, on the input's device and in its dtype (float32
-    for half precision): create the optimizer after that call or after :meth:`build`.
+    ``[C]``, take their shape and values on the first call (or :meth:`build`), on the
+    input's device and in its dtype (float32 for half precision). Until then they are
+    torch's uninitialized lazy tensors, as in ``torch.nn.LazyBatchNorm2d``: an optimizer
+    created before the first call holds the very parameters it will train.
 
     ``layer(x, training=None)``: ``None`` follows the module mode (``.train()`` /
     ``.eval()``), which is what Keras's ``fit`` / ``predict`` pass; ``True`` / ``False``
@@ -125,13 +129,19 @@ class BatchNormalization(nn.Module):
         self.virtual_batch_size, self.adjustment = virtual_batch_size, adjustment
         self._trainable = bool(trainable)
         self.built = False
-        self.gamma: nn.Parameter | None = None
-        self.beta: nn.Parameter | None = None
+        self.gamma = UninitializedParameter(requires_grad=self._trainable) if self.scale \
+            else None
+        self.beta = UninitializedParameter(requires_grad=self._trainable) if self.center \
+            else None
+        for name in self.weight_names:
+            if name not in ("gamma", "beta"):
+                self.register_buffer(name, UninitializedBuffer())
 
     # -- building ---------------------------------------------------------------------------
     def build(self, input_shape: Sequence[int], dtype: torch.dtype = torch.float32,
               device: torch.device | str | None = None) -> None:
-        """Create the weights for inputs of ``input_shape`` (Keras's ``build``)."""
+        """Create the weights for inputs of ``input_shape`` (Keras's ``build``); tensors
+        already given values by ``load_state_dict`` keep them."""
         if self.built:
             raise RuntimeError("build(): the layer is already built; its weights exist")
         rank = len(input_shape)
@@ -154,23 +164,30 @@ class BatchNormalization(nn.Module):
         channels = input_shape[axis]
         self._axis, self._rank = axis, rank
         device = torch.device("cpu") if device is None else torch.device(device)
-
-        def init(name: str) -> Tensor:
-            return options.initial_value(f"{name}_initializer", self.initializers[name],
-                                         (channels,), dtype, device)
-
-        requires_grad = self._trainable
-        if self.scale:
-            self.gamma = nn.Parameter(init("gamma"), requires_grad=requires_grad)
-        if self.center:
-            self.beta = nn.Parameter(init("beta"), requires_grad=requires_grad)
-        self.register_buffer("moving_mean", init("moving_mean"))
-        self.register_buffer("moving_variance", init("moving_variance"))
-        if self.renorm:
-            self.register_buffer("moving_stddev", self.moving_variance.sqrt())
-            self.register_buffer("renorm_mean", init("moving_mean"))
-            self.register_buffer("renorm_stddev", self.moving_variance.sqrt())
+        initial = {name: options.initial_value(f"{name}_initializer", self.initializers[name],
+                                               (channels,), dtype, device)
+                   for name in ("gamma", "beta", "moving_mean", "moving_variance")}
+        stddev = initial["moving_variance"].sqrt()
+        initial.update(moving_stddev=stddev, renorm_mean=initial["moving_mean"],
+                       renorm_stddev=stddev)
+        for name in self.weight_names:
+            tensor = getattr(self, name)
+            if is_lazy(tensor):
+                tensor.materialize((channels,), device=device, dtype=dtype)
+                with torch.no_grad():
+                    tensor.copy_(initial[name])
+            elif tensor.shape != (channels,):
+                raise ValueError(f"{name} was loaded with shape {list(tensor.shape)}, but an "
+                                 f"input of shape {list(input_shape)} has {channels} channels "
+                                 f"on axis {self.axis}")
         self.built = True
+
+    def initialize_parameters(self, x: Tensor, training: bool | None = None) -> None:
+        """The lazy-module hook before the first forward: build for ``x``."""
+        if not self.built:
+            _check_floating(x)
+            dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+            self.build(x.shape, dtype=dtype, device=x.device)
 
     @property
     def trainable(self) -> bool:
@@ -227,7 +244,8 @@ class BatchNormalization(nn.Module):
         add ``sum(layer.losses)`` to the training loss."""
         return [regularize(param) for name, param in (("gamma", self.gamma),
                                                       ("beta", self.beta))
-                if param is not None and (regularize := self.regularizers[name]) is not None]
+                if param is not None and not is_lazy(param)
+                and (regularize := self.regularizers[name]) is not None]
 
     @torch.no_grad()
     def apply_constraints(self) -> None:
@@ -235,7 +253,7 @@ class BatchNormalization(nn.Module):
         optimizer update; :meth:`constrain_after` calls it automatically."""
         for name, param in (("gamma", self.gamma), ("beta", self.beta)):
             project = self.constraints[name]
-            if param is not None and project is not None:
+            if param is not None and not is_lazy(param) and project is not None:
                 param.copy_(project(param))
 
     def constrain_after(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
@@ -244,11 +262,7 @@ class BatchNormalization(nn.Module):
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x: Tensor, training: bool | None = None) -> Tensor:
-        if not torch.is_floating_point(x):
-            raise TypeError(f"BatchNormalization expects a floating point input, got {x.dtype}")
-        if not self.built:
-            dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-            self.build(x.shape, dtype=dtype, device=x.device)
+        _check_floating(x)
         if x.dim() != self._rank or x.shape[self._axis] != self.moving_mean.numel():
             raise ValueError(f"input must be {self._rank}D with {self.moving_mean.numel()} "
                              f"channels on axis {self.axis}, got shape {list(x.shape)}")
@@ -345,6 +359,11 @@ class BatchNormalization(nn.Module):
         if self.virtual_batch_size is not None:
             extras.append(f"virtual_batch_size={self.virtual_batch_size}")
         return ", ".join(extras)
+
+
+def _check_floating(x: Tensor) -> None:
+    if not torch.is_floating_point(x):
+        raise TypeError(f"BatchNormalization expects a floating point input, got {x.dtype}")
 
 
 def _assign_moving_average(moving: Tensor, value: Tensor, momentum: float) -> None:
