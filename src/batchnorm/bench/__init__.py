@@ -17,11 +17,11 @@ import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 import torch
 
+from batchnorm import kernels
 from batchnorm.bench import cnn, fold, measure, report, syncbn, training
 from batchnorm.bench.cases import SUITE, TINY, Case
 
@@ -46,14 +46,9 @@ def machine() -> dict[str, object]:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    versions = {}
-    for package in ("torch", "numba"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
+    primitives = kernels.primitives(torch.zeros(1))
     return {"cpu": model, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "numba": versions["numba"],
+            "torch": torch.__version__, "cpu_kernels": primitives.__name__.rsplit(".", 1)[-1],
             "python": platform.python_version()}
 
 
