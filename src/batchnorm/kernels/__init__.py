@@ -52,11 +52,8 @@ def use_backend(name: str | None) -> Iterator[None]:
 
 @functools.cache
 def _cpp() -> ModuleType | None:
-    try:  # TODO(merge): the C++ kernels land from their branch
-        from batchnorm.kernels import cpu
-    except ImportError:
-        return None
-    return cpu if cpu.available() else None
+    from batchnorm.kernels import cpu, extension
+    return cpu if extension.available() else None
 
 
 @functools.cache

@@ -1,0 +1,37 @@
+// The CPU kernel primitives, registered in ops.cpp as operators of namespace batchnorm_cpu.
+// Signatures and semantics: batchnorm/kernels/reference.py.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
+
+#include <optional>
+#include <tuple>
+
+namespace batchnorm_cpu {
+
+std::tuple<at::Tensor, at::Tensor> channel_stats(const at::Tensor& x, int64_t chunk);
+
+at::Tensor channel_normalize(const at::Tensor& x, const at::Tensor& mean,
+                             const at::Tensor& scale, const at::Tensor& shift, int64_t chunk,
+                             c10::string_view activation, double param);
+
+std::tuple<at::Tensor, at::Tensor> channel_backward_reduce(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& scale,
+    const at::Tensor& shift, int64_t chunk, c10::string_view activation, double param);
+
+at::Tensor channel_backward_input(const at::Tensor& dy, const at::Tensor& x,
+                                  const at::Tensor& mean, const at::Tensor& scale,
+                                  const at::Tensor& shift, const at::Tensor& k1,
+                                  const at::Tensor& k0, const at::Tensor& k2, int64_t chunk,
+                                  c10::string_view activation, double param);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rows_forward(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rows_backward(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
+    const std::optional<at::Tensor>& weight);
+
+}  // namespace batchnorm_cpu

@@ -1,0 +1,56 @@
+"""The C++ CPU kernels (``torch.ops.batchnorm_cpu``), with :mod:`batchnorm.kernels.reference`'s
+signatures and semantics: float32, float64, float16 and bfloat16 inputs (half types
+accumulate in float32), statistics exact under a large common offset, results bitwise
+independent of the number of threads. The extension is built at the first call
+(:mod:`batchnorm.kernels.extension`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from batchnorm.kernels import extension
+
+_ops = None
+
+
+def _kernels():
+    global _ops
+    if _ops is None:
+        extension.load()
+        _ops = torch.ops.batchnorm_cpu
+    return _ops
+
+
+def channel_stats(x: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
+    return _kernels().channel_stats(x, chunk)
+
+
+def channel_normalize(x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor, chunk: int,
+                      activation: str, param: float) -> Tensor:
+    return _kernels().channel_normalize(x, mean, scale, shift, chunk, activation, param)
+
+
+def channel_backward_reduce(dy: Tensor, x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor,
+                            chunk: int, activation: str, param: float
+                            ) -> tuple[Tensor, Tensor]:
+    return _kernels().channel_backward_reduce(dy, x, mean, scale, shift, chunk, activation,
+                                              param)
+
+
+def channel_backward_input(dy: Tensor, x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor,
+                           k1: Tensor, k0: Tensor, k2: Tensor, chunk: int, activation: str,
+                           param: float) -> Tensor:
+    return _kernels().channel_backward_input(dy, x, mean, scale, shift, k1, k0, k2, chunk,
+                                             activation, param)
+
+
+def rows_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    return _kernels().rows_forward(x, weight, bias, eps)
+
+
+def rows_backward(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    return _kernels().rows_backward(dy, x, mean, invstd, weight)
