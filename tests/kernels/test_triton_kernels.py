@@ -14,7 +14,6 @@ the same rounded values on both sides; accumulation is float32 in both).
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from types import ModuleType
 
@@ -33,16 +32,15 @@ OUTPUT_RTOL = {torch.float32: 2e-5, torch.float64: 1e-12, torch.float16: 1e-3,
 @pytest.fixture(scope="module")
 def tk() -> ModuleType:
     """The Triton primitives module, usable on DEVICE, or a loud skip/failure."""
-    if importlib.util.find_spec("triton") is None:
-        reason = ("TRITON NOT INSTALLED: the Triton kernel tests need the 'cuda' extra "
-                  "(pip install 'batchnorm[cuda]')")
+    from batchnorm.kernels import triton_kernels
+    if triton_kernels.IMPORT_ERROR is not None:
+        reason = (f"TRITON NOT INSTALLED ({triton_kernels.IMPORT_ERROR}): the Triton kernel "
+                  "tests need the 'cuda' extra (pip install 'batchnorm[cuda]')")
         if os.environ.get("BATCHNORM_REQUIRE_TRITON") == "1":
             pytest.fail(reason)
         pytest.skip(reason)
-    from batchnorm.kernels import triton_kernels
     if not triton_kernels.available(DEVICE):
-        pytest.fail(f"Triton kernels unavailable on {DEVICE}: "
-                    f"{triton_kernels.IMPORT_ERROR or 'built without the interpreter'} "
+        pytest.fail(f"Triton kernels unavailable on {DEVICE}: built without the interpreter "
                     "(without CUDA, TRITON_INTERPRET=1 must be set before they are imported)")
     return triton_kernels
 
