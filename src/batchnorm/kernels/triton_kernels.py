@@ -101,6 +101,12 @@ def _tables(x: Tensor, chunk: int, *tables: Tensor) -> list[Tensor]:
     return [table.contiguous() for table in tables]
 
 
+def _dims(x: Tensor) -> tuple[int, ...]:
+    """The view's sizes as ints: tile and grid sizes are bit arithmetic on them, which a
+    symbolic size under torch.compile does not support (it specializes on them instead)."""
+    return tuple(int(size) for size in x.shape)
+
+
 def _tile(device: torch.device) -> int:
     return GPU_TILE if device.type == "cuda" and not interpreted() else INTERPRETER_TILE
 
@@ -125,7 +131,7 @@ def _channel_sums(x: Tensor, dy: Tensor | None, residual: Tensor | None,
                   ) -> tuple[Tensor, Tensor]:
     """The two per-(chunk, channel) sums: statistics when ``dy`` is None, else backward."""
     _check_chunk(chunk)
-    rows, channels, quantity = x.shape
+    rows, channels, quantity = _dims(x)
     groups = chunks(rows, chunk)
     dtype = accumulation_dtype(x.dtype)
     first = x.new_empty((groups, channels), dtype=dtype)
@@ -162,7 +168,7 @@ def _finish(partials: Tensor, first: Tensor, second: Tensor, x: Tensor | None = 
     splits, tables = partials.shape[0], first.numel()
     block_s = min(triton.next_power_of_2(splits), 64)
     block_t = max(1, 1024 // block_s)
-    rows, channels, quantity = x.shape if x is not None else (1, 1, 1)
+    rows, channels, quantity = _dims(x) if x is not None else (1, 1, 1)
     row_stride, channel_stride = x.stride()[:2] if x is not None else (0, 0)
     wrap_triton(finish_kernel)[(triton.cdiv(tables, block_t),)](
         partials, x if x is not None else partials, first, second, splits, tables, channels,
@@ -180,7 +186,7 @@ def _channel_apply(x: Tensor, dy: Tensor | None, residual: Tensor | None,
     d_residual = torch.empty_like(residual) if backward and residual is not None else None
     if x.numel() == 0:
         return out, d_residual
-    rows, channels, quantity = x.shape
+    rows, channels, quantity = _dims(x)
     block_p, block_c, block_q = _blocks(channels, quantity, _tile(x.device))
     c_blocks, q_blocks = triton.cdiv(channels, block_c), triton.cdiv(quantity, block_q)
     grid = (triton.cdiv(rows, block_p) * c_blocks * q_blocks,)
@@ -256,14 +262,15 @@ def _channel_backward_input_residual(dy: Tensor, x: Tensor, residual: Tensor, me
 def _row_blocks(x: Tensor) -> tuple[int, int]:
     """(BR, BK): whole rows per tile when they fit, else tile-wide pieces of one row."""
     tile = _tile(x.device)
-    block_k = min(triton.next_power_of_2(x.shape[1]), tile)
-    return max(1, min(tile // block_k, triton.next_power_of_2(x.shape[0]))), block_k
+    rows, width = _dims(x)
+    block_k = min(triton.next_power_of_2(width), tile)
+    return max(1, min(tile // block_k, triton.next_power_of_2(rows))), block_k
 
 
 def _rows_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
                   ) -> tuple[Tensor, Tensor, Tensor]:
     x = x if x.stride(1) == 1 else x.contiguous()
-    rows, width = x.shape
+    rows, width = _dims(x)
     dtype = accumulation_dtype(x.dtype)
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     mean = x.new_empty(rows, dtype=dtype)
@@ -282,7 +289,7 @@ def _rows_backward(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor,
                    weight: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     x = x if x.stride(1) == 1 else x.contiguous()
     dy = dy if dy.stride(1) == 1 else dy.contiguous()
-    rows, width = x.shape
+    rows, width = _dims(x)
     dtype = accumulation_dtype(x.dtype)
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     sum_dy_xhat = x.new_empty(width, dtype=dtype)
