@@ -133,3 +133,9 @@ def triton_prims():
                          ids=lambda case: f"{case.name}-{case.layout}")
 def test_triton_compositions_match_torch_autograd_in_float32(triton_prims, case):
     check_case(triton_prims, case, torch.float32, 2e-5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_a_run_without_a_gpu_says_what_it_needs():
+    with pytest.raises(SystemExit, match="needs a CUDA GPU and the 'cuda' extra"):
+        cuda.main(["--filter", "LayerNorm 8192x768 float32"])

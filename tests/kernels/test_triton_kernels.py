@@ -274,6 +274,14 @@ def test_bad_arguments_name_what_was_expected(tk):
         tk.channel_stats(x, 0)
     with pytest.raises(ValueError, match="residual must have the view's shape"):
         tk.channel_normalize_residual(x, x[:1], mean, scale, shift, chunk, "relu", 0.0)
+    with pytest.raises(ValueError, match=r"dy must have the view's shape \(5, 3, 11\)"):
+        tk.channel_backward_reduce(x[:, :, :3], x, mean, scale, shift, chunk, "relu", 0.0)
+    rows = torch.randn(4, 6, device=DEVICE)
+    with pytest.raises(ValueError, match=r"weight must have shape \(6,\) .* got \(5,\)"):
+        tk.rows_forward(rows, torch.ones(5, device=DEVICE), None, 1e-5)
+    _, mean, invstd = tk.rows_forward(rows, None, None, 1e-5)
+    with pytest.raises(ValueError, match=r"invstd must be \(4,\) torch.float32"):
+        tk.rows_backward(rows, rows, mean, invstd.double(), None)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(),

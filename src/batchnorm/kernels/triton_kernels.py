@@ -180,7 +180,6 @@ def _channel_apply(x: Tensor, dy: Tensor | None, residual: Tensor | None,
                    tables: list[Tensor], chunk: int, activation: str, param: float
                    ) -> tuple[Tensor, Tensor | None]:
     """The elementwise pass: ``act(z [+ residual])``, or dx (and d residual) backward."""
-    _check_chunk(chunk)
     out = torch.empty_like(x)
     backward = dy is not None
     d_residual = torch.empty_like(residual) if backward and residual is not None else None
@@ -204,10 +203,10 @@ def _channel_apply(x: Tensor, dy: Tensor | None, residual: Tensor | None,
     return out, d_residual
 
 
-def _check_residual(x: Tensor, residual: Tensor) -> None:
-    if residual.shape != x.shape:
-        raise ValueError(f"residual must have the view's shape {tuple(x.shape)}, got "
-                         f"{tuple(residual.shape)}")
+def _check_shape(name: str, x: Tensor, tensor: Tensor) -> None:
+    if tensor.shape != x.shape:
+        raise ValueError(f"{name} must have the view's shape {tuple(x.shape)}, got "
+                         f"{tuple(tensor.shape)}")
 
 
 def _channel_stats(x: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
@@ -223,6 +222,7 @@ def _channel_normalize(x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor, ch
 def _channel_backward_reduce(dy: Tensor, x: Tensor, mean: Tensor, scale: Tensor,
                              shift: Tensor, chunk: int, activation: str, param: float
                              ) -> tuple[Tensor, Tensor]:
+    _check_shape("dy", x, dy)
     return _channel_sums(x, dy, None, _tables(x, chunk, mean, scale, shift), chunk, activation,
                          param)
 
@@ -230,6 +230,7 @@ def _channel_backward_reduce(dy: Tensor, x: Tensor, mean: Tensor, scale: Tensor,
 def _channel_backward_input(dy: Tensor, x: Tensor, mean: Tensor, scale: Tensor,
                             shift: Tensor, k1: Tensor, k0: Tensor, k2: Tensor, chunk: int,
                             activation: str, param: float) -> Tensor:
+    _check_shape("dy", x, dy)
     return _channel_apply(x, dy, None, _tables(x, chunk, mean, scale, shift, k1, k0, k2), chunk,
                           activation, param)[0]
 
@@ -237,7 +238,7 @@ def _channel_backward_input(dy: Tensor, x: Tensor, mean: Tensor, scale: Tensor,
 def _channel_normalize_residual(x: Tensor, residual: Tensor, mean: Tensor, scale: Tensor,
                                 shift: Tensor, chunk: int, activation: str, param: float
                                 ) -> Tensor:
-    _check_residual(x, residual)
+    _check_shape("residual", x, residual)
     return _channel_apply(x, None, residual, _tables(x, chunk, mean, scale, shift), chunk,
                           activation, param)[0]
 
@@ -245,7 +246,8 @@ def _channel_normalize_residual(x: Tensor, residual: Tensor, mean: Tensor, scale
 def _channel_backward_reduce_residual(dy: Tensor, x: Tensor, residual: Tensor, mean: Tensor,
                                       scale: Tensor, shift: Tensor, chunk: int,
                                       activation: str, param: float) -> tuple[Tensor, Tensor]:
-    _check_residual(x, residual)
+    _check_shape("residual", x, residual)
+    _check_shape("dy", x, dy)
     return _channel_sums(x, dy, residual, _tables(x, chunk, mean, scale, shift), chunk, activation,
                          param)
 
@@ -254,7 +256,8 @@ def _channel_backward_input_residual(dy: Tensor, x: Tensor, residual: Tensor, me
                                      scale: Tensor, shift: Tensor, k1: Tensor, k0: Tensor,
                                      k2: Tensor, chunk: int, activation: str, param: float
                                      ) -> tuple[Tensor, Tensor]:
-    _check_residual(x, residual)
+    _check_shape("residual", x, residual)
+    _check_shape("dy", x, dy)
     return _channel_apply(x, dy, residual, _tables(x, chunk, mean, scale, shift, k1, k0, k2), chunk,
                           activation, param)
 
@@ -267,9 +270,19 @@ def _row_blocks(x: Tensor) -> tuple[int, int]:
     return max(1, min(tile // block_k, triton.next_power_of_2(rows))), block_k
 
 
+def _per_column(x: Tensor, **params: Tensor | None) -> list[Tensor | None]:
+    """Optional per-column parameters of a rows view, contiguous, checked to be (K,)."""
+    for name, param in params.items():
+        if param is not None and tuple(param.shape) != (x.shape[1],):
+            raise ValueError(f"{name} must have shape ({x.shape[1]},) for rows of width "
+                             f"{x.shape[1]}, got {tuple(param.shape)}")
+    return [None if param is None else param.contiguous() for param in params.values()]
+
+
 def _rows_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
                   ) -> tuple[Tensor, Tensor, Tensor]:
     x = x if x.stride(1) == 1 else x.contiguous()
+    weight, bias = _per_column(x, weight=weight, bias=bias)
     rows, width = _dims(x)
     dtype = accumulation_dtype(x.dtype)
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -287,10 +300,16 @@ def _rows_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: fl
 
 def _rows_backward(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor,
                    weight: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    _check_shape("dy", x, dy)
     x = x if x.stride(1) == 1 else x.contiguous()
     dy = dy if dy.stride(1) == 1 else dy.contiguous()
+    (weight,) = _per_column(x, weight=weight)
     rows, width = _dims(x)
     dtype = accumulation_dtype(x.dtype)
+    for name, stat in (("mean", mean), ("invstd", invstd)):
+        if stat.dtype != dtype or tuple(stat.shape) != (rows,):
+            raise ValueError(f"{name} must be ({rows},) {dtype} for a {x.dtype} rows view "
+                             f"{(rows, width)}, got {tuple(stat.shape)} {stat.dtype}")
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     sum_dy_xhat = x.new_empty(width, dtype=dtype)
     sum_dy = x.new_empty(width, dtype=dtype)
