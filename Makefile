@@ -4,27 +4,30 @@ VENV := .venv
 BIN := $(VENV)/bin
 # The CPU build of torch; set TORCH_SPEC (e.g. "torch --index-url <cuda wheel index>") for a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
+# Extras of pyproject.toml to install; .ci/run adds 'cuda' (triton, ~1 GB) for the Triton kernel tests.
+EXTRAS ?= dev
+READY := $(BIN)/.ready-$(EXTRAS)
 
 .PHONY: demo test lint bench clean
 
-$(BIN)/.ready: pyproject.toml
+$(READY): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[$(EXTRAS)]'
 	touch $@
 
-demo: $(BIN)/.ready
+demo: $(READY)
 	$(BIN)/batchnorm demo
 
-test: $(BIN)/.ready
+test: $(READY)
 	$(BIN)/ruff check src tests
 	$(BIN)/python -m pytest -q
 
-lint: $(BIN)/.ready
+lint: $(READY)
 	$(BIN)/ruff check src tests
 
-bench: $(BIN)/.ready
+bench: $(READY)
 	$(BIN)/batchnorm bench
 
 clean:

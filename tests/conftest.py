@@ -1,9 +1,12 @@
-"""Shared fixtures: where the real MNIST files live.
+"""Shared fixtures: where the real MNIST files live; Triton's interpreter without a GPU.
 
 Tests that read MNIST take the ``mnist_data_dir`` fixture: ``$BATCHNORM_DATA`` (default
 ``../shared/data`` beside the repository) must hold ``mnist/`` with the official test
 files. Without them the tests skip with a loud reason, except under CI
 (``BATCHNORM_REQUIRE_DATA=1``), where a missing data set is a failure.
+
+Without CUDA, ``TRITON_INTERPRET=1`` is set here, before any test imports the Triton
+kernels (triton reads it when a kernel is defined), so that they run on CPU tensors.
 """
 
 from __future__ import annotations
@@ -13,6 +16,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():  # before batchnorm (and so triton) is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from batchnorm.data import default_data_dir
 
