@@ -99,8 +99,11 @@ def batch_norm_forward(prims: ModuleType, input: Tensor, weight: Tensor | None,
             r, d = renorm_rd
         scale = scale * r
         shift = shift + (d if w is None else w * d)
-    y = prims.channel_normalize(x, mean, scale, shift, rows_chunk, activation,
-                                activation_param)
+    if x.numel() == 0:  # nothing to normalize; the kernels need no empty special case
+        y = torch.empty_like(x)
+    else:
+        y = prims.channel_normalize(x, mean, scale, shift, rows_chunk, activation,
+                                    activation_param)
     return layout.restore(y, input, axis, channels_last), mean, var, r, d
 
 
@@ -157,6 +160,8 @@ def batch_norm_backward(prims: ModuleType, grad_output: Tensor, input: Tensor,
                 counts = chunk_counts(rows, rows_chunk, quantity, acc, x.device).unsqueeze(1)
             k2 = -(sum_g_xhat * effective_w / counts) * invstd.square()
             k0 = -(sum_g * effective_w / counts) * invstd
+        if x.numel() == 0:
+            return torch.zeros_like(input), grad_weight, grad_bias
         grad_input = layout.restore(
             prims.channel_backward_input(dy, x, mean, scale, shift, scale, k0, k2, rows_chunk,
                                          activation, activation_param),
@@ -187,7 +192,7 @@ def group_norm_forward(prims: ModuleType, input: Tensor, weight: Tensor | None,
     acc = accumulation_dtype(input.dtype)
     if x.numel() == 0:
         mean = x.new_zeros((n, num_groups), dtype=acc)
-        return input.clone(), mean, torch.ones_like(mean)
+        return torch.empty_like(input), mean, torch.ones_like(mean)
     channel_mean, channel_var = prims.channel_stats(x, rows_chunk)
     grouped_mean = channel_mean.double().view(n, num_groups, -1)
     group_mean = grouped_mean.mean(2)
@@ -210,6 +215,9 @@ def group_norm_backward(prims: ModuleType, grad_output: Tensor, input: Tensor,
                         ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients of :func:`group_norm_forward`; per-channel sums are merged per group."""
     x, rows_chunk, channels_last = _instance_view(input)
+    if x.numel() == 0:
+        return (torch.zeros_like(input) if output_mask[0] else None,
+                _zero_grad(weight, output_mask[1]), _zero_grad(bias, output_mask[2]))
     dy = layout.channel_view(grad_output, 1, channels_last)
     n, channels = input.shape[0], input.shape[1]
     acc = mean.dtype
@@ -247,6 +255,9 @@ def layer_norm_forward(prims: ModuleType, input: Tensor, normalized_ndim: int,
                        ) -> tuple[Tensor, Tensor, Tensor]:
     """LayerNorm over the trailing ``normalized_ndim`` dims: ``(y, mean (R,), invstd (R,))``."""
     x = layout.row_view(input, normalized_ndim)
+    if x.numel() == 0:
+        mean = x.new_zeros(x.shape[0], dtype=accumulation_dtype(x.dtype))
+        return torch.empty_like(input), mean, torch.ones_like(mean)
     y, mean, invstd = prims.rows_forward(x, None if weight is None else weight.reshape(-1),
                                          None if bias is None else bias.reshape(-1), eps)
     return y.view(input.shape), mean, invstd
@@ -258,6 +269,9 @@ def layer_norm_backward(prims: ModuleType, grad_output: Tensor, input: Tensor,
                         ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients of :func:`layer_norm_forward`."""
     x = layout.row_view(input, normalized_ndim)
+    if x.numel() == 0:
+        return (torch.zeros_like(input) if output_mask[0] else None,
+                _zero_grad(weight, output_mask[1]), _zero_grad(bias, output_mask[2]))
     dy = layout.row_view(grad_output, normalized_ndim)
     dx, sum_g_xhat, sum_g = prims.rows_backward(
         dy, x, mean, invstd, None if weight is None else weight.reshape(-1))

@@ -38,6 +38,12 @@ _SCHEMAS = {
                            "bool training, float eps, int axis, int chunk, str activation, "
                            "float activation_param, bool[3] output_mask) "
                            "-> (Tensor, Tensor, Tensor)",
+    "batch_norm_backward_differentiable": "(Tensor grad_output, Tensor input, Tensor? weight, "
+                                          "Tensor? bias, Tensor mean, Tensor var, "
+                                          "Tensor renorm_r, Tensor renorm_d, bool training, "
+                                          "float eps, int axis, int chunk, str activation, "
+                                          "float activation_param, bool[3] output_mask) "
+                                          "-> (Tensor, Tensor, Tensor)",
     "update_running_stats_": "(Tensor(a!) running_mean, Tensor(b!) running_var, "
                              "Tensor(c!)? num_batches_tracked, Tensor mean, Tensor var, "
                              "SymInt count, SymInt last_count, float? momentum) -> ()",
@@ -46,11 +52,19 @@ _SCHEMAS = {
     "group_norm_backward": "(Tensor grad_output, Tensor input, Tensor? weight, Tensor? bias, "
                            "Tensor mean, Tensor invstd, int num_groups, bool[3] output_mask) "
                            "-> (Tensor, Tensor, Tensor)",
+    "group_norm_backward_differentiable": "(Tensor grad_output, Tensor input, Tensor? weight, "
+                                          "Tensor? bias, Tensor mean, Tensor invstd, "
+                                          "int num_groups, float eps, bool[3] output_mask) "
+                                          "-> (Tensor, Tensor, Tensor)",
     "layer_norm": "(Tensor input, int normalized_ndim, Tensor? weight, Tensor? bias, "
                   "float eps) -> (Tensor, Tensor, Tensor)",
     "layer_norm_backward": "(Tensor grad_output, Tensor input, int normalized_ndim, "
                            "Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd, "
                            "bool[3] output_mask) -> (Tensor, Tensor, Tensor)",
+    "layer_norm_backward_differentiable": "(Tensor grad_output, Tensor input, "
+                                          "int normalized_ndim, Tensor? weight, Tensor? bias, "
+                                          "float eps, bool[3] output_mask) "
+                                          "-> (Tensor, Tensor, Tensor)",
 }
 for _name, _schema in _SCHEMAS.items():
     _lib.define(_name + _schema)
@@ -197,13 +211,53 @@ def _grads_or_none(grads, needs):
     return tuple(g if need else None for g, need in zip(grads, needs, strict=True))
 
 
-def _second_order(forward, grad_output, tensors):
-    """Input gradients that are themselves differentiable (``create_graph=True``)."""
-    wanted = [t for t in tensors if t is not None and t.requires_grad]
-    grads = iter(torch.autograd.grad(forward(), wanted, grad_output, create_graph=True,
-                                     allow_unused=True))
-    return tuple(next(grads) if t is not None and t.requires_grad else None for t in tensors)
+# Differentiable backward (create_graph=True): the core on the reference primitives,
+# differentiated by autograd, registered as CompositeImplicitAutograd so that autograd
+# records the ops it runs. Saved statistics are recomputed from the input (they depend on
+# it); Batch Renormalization's r and d are constants, replayed.
 
+def _second_order(forward, grad_output, tensors, output_mask):
+    """``vjp(forward)(grad_output)`` for the masked ``tensors``, itself differentiable."""
+    wanted = [t for t, need in zip(tensors, output_mask, strict=True)
+              if need and t is not None]
+    grads = iter(torch.autograd.grad(forward(), wanted, grad_output, create_graph=True,
+                                     allow_unused=True, materialize_grads=True))
+    return tuple(next(grads) if need and t is not None else tensors[0].new_empty((0,))
+                 for t, need in zip(tensors, output_mask, strict=True))
+
+
+def _batch_norm_backward_differentiable(grad_output, input, weight, bias, mean, var, renorm_r,
+                                        renorm_d, training, eps, axis, chunk, activation,
+                                        activation_param, output_mask):
+    return _second_order(lambda: normalize.batch_norm_forward(
+        reference, input, weight, bias, mean.view(-1), var.view(-1), training, eps, axis,
+        chunk, activation, activation_param, None, None, None, check=False,
+        renorm_rd=(renorm_r, renorm_d) if renorm_r.numel() else None)[0],
+        grad_output, (input, weight, bias), output_mask)
+
+
+def _group_norm_backward_differentiable(grad_output, input, weight, bias, mean, invstd,
+                                        num_groups, eps, output_mask):
+    return _second_order(lambda: normalize.group_norm_forward(
+        reference, input, weight, bias, num_groups, eps)[0], grad_output,
+        (input, weight, bias), output_mask)
+
+
+def _layer_norm_backward_differentiable(grad_output, input, normalized_ndim, weight, bias,
+                                        eps, output_mask):
+    return _second_order(lambda: normalize.layer_norm_forward(
+        reference, input, normalized_ndim, weight, bias, eps)[0], grad_output,
+        (input, weight, bias), output_mask)
+
+
+for _name, _impl in (("batch_norm_backward_differentiable", _batch_norm_backward_differentiable),
+                     ("group_norm_backward_differentiable", _group_norm_backward_differentiable),
+                     ("layer_norm_backward_differentiable", _layer_norm_backward_differentiable)):
+    _lib.impl(_name, _impl, "CompositeImplicitAutograd")
+
+
+# Autograd formulas: the backward operators, or their differentiable twins when the
+# backward itself is being differentiated.
 
 def _setup_batch_norm(ctx, inputs, output):
     (input, weight, bias, _, _, training, eps, axis, chunk, activation, activation_param,
@@ -216,42 +270,33 @@ def _setup_batch_norm(ctx, inputs, output):
 
 def _backward_batch_norm(ctx, grad_output, *_):
     input, weight, bias, mean, var, r, d = ctx.saved_tensors
-    training, eps, axis, chunk, activation, activation_param = ctx.options
-    needs = ctx.needs_input_grad[:3]
-    if torch.is_grad_enabled():
-        def forward():
-            return normalize.batch_norm_forward(
-                reference, input, weight, bias, mean.view(-1), var.view(-1), training, eps,
-                axis, chunk, activation, activation_param, None, None, None, check=False,
-                renorm_rd=(r, d) if r.numel() else None)[0]
-        grads = _second_order(forward, grad_output, (input, weight, bias))
-    else:
-        grads = _grads_or_none(torch.ops.batchnorm.batch_norm_backward.default(
-            grad_output, input, weight, bias, mean, var, r, d, training, eps, axis, chunk,
-            activation, activation_param, list(needs)), needs)
-    return (*grads, *(None,) * 11)
+    needs = list(ctx.needs_input_grad[:3])
+    backward = (torch.ops.batchnorm.batch_norm_backward_differentiable
+                if torch.is_grad_enabled() else torch.ops.batchnorm.batch_norm_backward)
+    grads = backward.default(grad_output, input, weight, bias, mean, var, r, d, *ctx.options,
+                             needs)
+    return (*_grads_or_none(grads, needs), *(None,) * 11)
 
 
 def _setup_group_norm(ctx, inputs, output):
-    input, weight, bias, num_groups, _ = inputs
+    input, weight, bias, num_groups, eps = inputs
     _, mean, invstd = output
     ctx.mark_non_differentiable(mean, invstd)
     ctx.save_for_backward(input, weight, bias, mean, invstd)
-    ctx.options = (num_groups, inputs[4])
+    ctx.options = (num_groups, eps)
 
 
 def _backward_group_norm(ctx, grad_output, *_):
     input, weight, bias, mean, invstd = ctx.saved_tensors
     num_groups, eps = ctx.options
-    needs = ctx.needs_input_grad[:3]
+    needs = list(ctx.needs_input_grad[:3])
     if torch.is_grad_enabled():
-        grads = _second_order(lambda: normalize.group_norm_forward(
-            reference, input, weight, bias, num_groups, eps)[0], grad_output,
-            (input, weight, bias))
+        grads = torch.ops.batchnorm.group_norm_backward_differentiable.default(
+            grad_output, input, weight, bias, mean, invstd, num_groups, eps, needs)
     else:
-        grads = _grads_or_none(torch.ops.batchnorm.group_norm_backward.default(
-            grad_output, input, weight, bias, mean, invstd, num_groups, list(needs)), needs)
-    return (*grads, None, None)
+        grads = torch.ops.batchnorm.group_norm_backward.default(
+            grad_output, input, weight, bias, mean, invstd, num_groups, needs)
+    return (*_grads_or_none(grads, needs), None, None)
 
 
 def _setup_layer_norm(ctx, inputs, output):
@@ -265,15 +310,14 @@ def _setup_layer_norm(ctx, inputs, output):
 def _backward_layer_norm(ctx, grad_output, *_):
     input, weight, bias, mean, invstd = ctx.saved_tensors
     normalized_ndim, eps = ctx.options
-    needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3])
+    needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]]
     if torch.is_grad_enabled():
-        grads = _second_order(lambda: normalize.layer_norm_forward(
-            reference, input, normalized_ndim, weight, bias, eps)[0], grad_output,
-            (input, weight, bias))
+        grads = torch.ops.batchnorm.layer_norm_backward_differentiable.default(
+            grad_output, input, normalized_ndim, weight, bias, eps, needs)
     else:
-        grads = _grads_or_none(torch.ops.batchnorm.layer_norm_backward.default(
-            grad_output, input, normalized_ndim, weight, bias, mean, invstd, list(needs)),
-            needs)
+        grads = torch.ops.batchnorm.layer_norm_backward.default(
+            grad_output, input, normalized_ndim, weight, bias, mean, invstd, needs)
+    grads = _grads_or_none(grads, needs)
     return grads[0], None, grads[1], grads[2], None
 
 
