@@ -139,3 +139,10 @@ def test_triton_compositions_match_torch_autograd_in_float32(triton_prims, case)
 def test_a_run_without_a_gpu_says_what_it_needs():
     with pytest.raises(SystemExit, match="needs a CUDA GPU and the 'cuda' extra"):
         cuda.main(["--filter", "LayerNorm 8192x768 float32"])
+
+
+def test_bench_cli_routes_device_cuda_to_the_gpu_suite(capsys):
+    from batchnorm.cli import main
+
+    assert main(["bench", "--device", "cuda", "--dry-run"]) == 0
+    assert "GroupNorm (32)" in capsys.readouterr().out

@@ -115,11 +115,15 @@ def run_models(cases: list[training.ModelCase], settings: Settings,
     return rows
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parse_args_and_rest(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """The CPU suite's arguments, and what is left for the CUDA suite."""
     parser = argparse.ArgumentParser(prog="batchnorm bench", description=__doc__.split(
         "\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("bench-results"),
                         help="directory for results.json and results.md")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: the GPU suite of batchnorm.bench.cuda (its own flags "
+                        "follow; see `batchnorm bench --device cuda --help`)")
     parser.add_argument("--quick", action="store_true",
                         help="3 rounds of short calls (smoke test)")
     parser.add_argument("--tiny", action="store_true",
@@ -149,7 +153,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data", type=Path,
                         default=Path(os.environ.get("BATCHNORM_DATA", "../shared/data")),
                         help="directory holding mnist/ (epoch row; skipped if absent)")
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
     sections = [name for name in args.sections.split(",") if name]
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown or not sections:
@@ -162,7 +166,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if not getattr(args, name) > 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, "
                          f"got {getattr(args, name)}")
-    return args
+    return args, rest
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -185,7 +189,12 @@ def _epoch(args: argparse.Namespace, settings: Settings) -> dict[str, object]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args, rest = parse_args_and_rest(argv)
+    if args.device == "cuda":
+        from batchnorm.bench import cuda
+        return cuda.main(rest + [f"--out={args.out}"] + ["--quick"] * args.quick)
+    if rest:
+        raise SystemExit(f"batchnorm bench: unrecognized arguments: {' '.join(rest)}")
     settings = _settings(args)
     cases = [case for case in (TINY if args.tiny else SUITE) if args.filter in case.label]
     model_cases = [case for case in (training.TINY_MODELS if args.tiny else training.MODELS)
