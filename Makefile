@@ -20,9 +20,21 @@ $(READY): pyproject.toml
 demo: $(READY)
 	$(BIN)/batchnorm demo
 
+# The operators' composite path (plain torch ops on the reference kernels), and the Triton
+# kernels under Triton's interpreter, each through the public layers (see tests/ops).
+COMPOSITE_TESTS := tests/ops tests/core tests/modules tests/keras tests/test_functional.py
+
 test: $(READY)
 	$(BIN)/ruff check src tests
 	$(BIN)/python -m pytest -q
+	BATCHNORM_BACKEND=torch $(BIN)/python -m pytest -q $(COMPOSITE_TESTS)
+	@if $(BIN)/python -c "import triton" 2>/dev/null; then \
+		BATCHNORM_BACKEND=triton $(BIN)/python -m pytest -q tests/ops/test_exactness.py; \
+	elif [ "$$BATCHNORM_REQUIRE_TRITON" = 1 ]; then \
+		echo "TRITON NOT INSTALLED: the Triton kernel tests are required here"; exit 1; \
+	else \
+		echo "TRITON NOT INSTALLED: skipping the Triton kernel tests (make EXTRAS=dev,cuda test)"; \
+	fi
 
 lint: $(READY)
 	$(BIN)/ruff check src tests
