@@ -102,3 +102,21 @@ def test_meta_device_training_runs_like_torch(make, shape):
 def test_instance_norm_with_zero_channels_returns_an_empty_tensor_like_torch():
     x = torch.randn(2, 0, 3)
     assert batchnorm.InstanceNorm1d(0)(x).shape == nn.InstanceNorm1d(0)(x).shape == (2, 0, 3)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: batchnorm.BatchNorm1d(8), lambda: batchnorm.InstanceNorm1d(8),
+    lambda: batchnorm.GroupNorm(2, 8), lambda: batchnorm.LayerNorm(6)],
+    ids=["batch_norm", "instance_norm", "group_norm", "layer_norm"])
+def test_finite_input_whose_float32_variance_overflows_says_so(make):
+    """Values around 1e20 are finite, but their variance (1e40) is not in float32: the
+    error names the overflow instead of calling the input NaN, and nothing returns zeros."""
+    layer = make()
+    x = torch.randn(4, 8, 6, generator=torch.Generator().manual_seed(0)) * 1e20
+    with pytest.raises(ValueError, match=r"variance overflows torch.float32: the input is "
+                                         r"finite"):
+        layer(x)
+    if hasattr(layer, "running_var") and layer.running_var is not None:
+        assert torch.equal(layer.running_var, torch.ones(8))
+    torch.testing.assert_close(layer.double()(x.double()),
+                               make().double()(x.double()))  # float64 still works

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from batchnorm.core import layout
-from batchnorm.core.policy import check_finite, renorm_correction
+from batchnorm.core.policy import check_finite, check_variance, renorm_correction
 from batchnorm.kernels.reference import accumulation_dtype, chunk_counts
 
 _EMPTY_SHAPE = (0,)
@@ -199,6 +199,7 @@ def group_norm_forward(prims: ModuleType, input: Tensor, weight: Tensor | None,
     group_var = (channel_var.double().view(n, num_groups, -1).mean(2)
                  + (grouped_mean - group_mean.unsqueeze(2)).square().mean(2))
     mean, invstd = group_mean.to(acc), torch.rsqrt(group_var + eps).to(acc)
+    check_variance(invstd)
     w, b = _table(weight, acc), _table(bias, acc)
     scale = _expand_groups(invstd, channels)
     if w is not None:
@@ -260,6 +261,7 @@ def layer_norm_forward(prims: ModuleType, input: Tensor, normalized_ndim: int,
         return torch.empty_like(input), mean, torch.ones_like(mean)
     y, mean, invstd = prims.rows_forward(x, None if weight is None else weight.reshape(-1),
                                          None if bias is None else bias.reshape(-1), eps)
+    check_variance(invstd)
     return y.view(input.shape), mean, invstd
 
 

@@ -13,11 +13,30 @@ from torch import Tensor
 RENORM_KEYS = ("rmax", "rmin", "dmax")
 
 
+def _overflow_message(what: str, dtype: torch.dtype) -> str:
+    limit = torch.finfo(dtype).max ** 0.5
+    return (f"the {what} overflows {dtype}: the input is finite but spreads over more than "
+            f"~{limit:.1e} around its mean; normalize such data in float64 (e.g. "
+            "layer.double() and x.double())")
+
+
 def check_finite(mean: Tensor, var: Tensor) -> None:
-    """A batch with NaN or infinity is rejected before it touches any buffer."""
-    if not bool(torch.isfinite(mean).all() & torch.isfinite(var).all()):
-        raise ValueError("input contains NaN or infinity: batch statistics are not finite, "
-                         "so the running statistics were left unchanged")
+    """A batch with NaN or infinity is rejected before it touches any buffer; a finite
+    batch whose variance overflows says so."""
+    if bool(torch.isfinite(mean).all() & torch.isfinite(var).all()):
+        return
+    if bool(torch.isfinite(mean).all() & ~torch.isnan(var).any()):
+        raise ValueError(_overflow_message("batch variance", var.dtype) + "; the running "
+                         "statistics were left unchanged")
+    raise ValueError("input contains NaN or infinity: batch statistics are not finite, "
+                     "so the running statistics were left unchanged")
+
+
+def check_variance(invstd: Tensor) -> None:
+    """``1 / sqrt(var + eps)`` is 0 only where the variance overflowed (NaN input gives
+    NaN, which propagates to the output as in torch)."""
+    if bool((invstd == 0).any()):
+        raise ValueError(_overflow_message("variance", invstd.dtype))
 
 
 def renorm_correction(mean: Tensor, var: Tensor, reference_mean: Tensor,
