@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from batchnorm import ops
-from batchnorm.core import normalize
+from batchnorm.core import decomposed, normalize
 from batchnorm.core.activation import make_activation
 from batchnorm.core.policy import RENORM_KEYS
 from batchnorm.core.sync import StatsReducer, sync_batch_norm
@@ -65,6 +65,17 @@ def _check_buffers_need_no_grad(**buffers: Tensor | None) -> None:
 def _transforms_active() -> bool:
     """Inside torch.func transforms (grad, vmap, jvp): run the core on plain torch ops."""
     return torch._C._are_functorch_transforms_active()
+
+
+DECOMPOSE_UNDER_COMPILE = True
+"""Under ``torch.compile`` (not ``torch.export``), plain BatchNorm/GroupNorm/LayerNorm
+trace as plain torch ops (:mod:`batchnorm.core.decomposed`) that Inductor fuses with their
+neighbours, as it does torch.nn's; False keeps the operators (the bench measures both)."""
+
+
+def _decompose() -> bool:
+    return (DECOMPOSE_UNDER_COMPILE and torch.compiler.is_compiling()
+            and not torch.compiler.is_exporting())
 
 
 def _renorm_limits(renorm_clipping: Mapping[str, float] | None) -> list[float]:
@@ -203,6 +214,10 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
     if training and ghost_batch_size is not None and input.shape[0] > 0:
         _check_ghost_batches(input.shape[0], ghost_batch_size, axis)
         chunk = ghost_batch_size
+    if chunk == 0 and clipping is None and reducer is None and _decompose():
+        return decomposed.batch_norm(input, weight, bias, running_mean, running_var,
+                                     num_batches_tracked if training else None, training,
+                                     momentum, eps, axis, act.name, act.param)
     if training and reducer is not None and ghost_batch_size is None:
         return sync_batch_norm(input, weight, bias, running_mean, running_var,
                                num_batches_tracked, momentum, eps, axis, act.name, act.param,
@@ -278,6 +293,8 @@ def group_norm(input: Tensor, num_groups: int, weight: Tensor | None = None,
                                f"{list(tensor.shape)} and input of shape {list(input.shape)}")
     _check_dtypes("group_norm", input, weight=weight, bias=bias)
     _check_eps(eps, training=False)
+    if _decompose():
+        return decomposed.group_norm(input, num_groups, weight, bias, eps)
     if _transforms_active():
         return normalize.group_norm_forward(reference, input, weight, bias, num_groups, eps)[0]
     return ops.group_norm(input, weight, bias, num_groups, eps)[0]
@@ -300,6 +317,8 @@ def layer_norm(input: Tensor, normalized_shape: Sequence[int] | int,
                                f"normalized_shape = {list(shape)}")
     _check_dtypes("layer_norm", input, weight=weight, bias=bias)
     _check_eps(eps, training=False)
+    if _decompose():
+        return decomposed.layer_norm(input, ndim, weight, bias, eps)
     if _transforms_active():
         return normalize.layer_norm_forward(reference, input, ndim, weight, bias, eps)[0]
     return ops.layer_norm(input, ndim, weight, bias, eps)[0]

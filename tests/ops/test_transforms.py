@@ -47,14 +47,23 @@ def _assert_states_close(ours: nn.Module, reference: nn.Module, **tol: float) ->
 TOL = {"rtol": 1e-4, "atol": 1e-5}
 
 
+@pytest.mark.parametrize("decompose", [True, False], ids=["decomposed", "operators"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_compile_fullgraph_matches_torch_nn_with_no_graph_breaks(training):
+def test_compile_fullgraph_matches_torch_nn_with_no_graph_breaks(training, decompose,
+                                                                 monkeypatch):
+    """Both ways to compile: plain layers as traceable torch ops (the default, which
+    Inductor fuses), or every layer as our operators."""
+    monkeypatch.setattr(batchnorm.functional, "DECOMPOSE_UNDER_COMPILE", decompose)
     reference, ours = _pair()
     reference.train(training)
     ours.train(training)
     x = _input()
     explanation = torch._dynamo.explain(copy.deepcopy(ours))(x)
     assert explanation.graph_break_count == 0, explanation.break_reasons
+    targets = {str(node.target) for graph in explanation.graphs for node in graph.graph.nodes}
+    # InstanceNorm (chunks of one sample) is a variant: an operator either way
+    assert ("batchnorm.batch_norm.default" in targets) is True
+    assert ("batchnorm.layer_norm.default" in targets) is not decompose
     compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
     for _ in range(2):  # running statistics over two steps
         y_ours, y_ref = compiled(x), reference(x)
@@ -70,6 +79,7 @@ def test_compile_fullgraph_matches_torch_nn_with_no_graph_breaks(training):
 
 
 def test_inductor_compiles_a_converted_training_step():
+    """The default (decomposed) path under Inductor, buffers included."""
     reference, ours = _pair()
     x = _input()
     compiled = torch.compile(ours, fullgraph=True)
@@ -194,3 +204,16 @@ def test_profiler_shows_the_operator_names():
     assert {"batchnorm::batch_norm", "batchnorm::batch_norm_backward",
             "batchnorm::update_running_stats_", "batchnorm::group_norm",
             "batchnorm::layer_norm"} <= names
+
+
+def test_compiled_decomposition_rejects_a_nan_batch_and_keeps_every_buffer():
+    layer = batchnorm.BatchNorm1d(3, momentum=None)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    compiled(torch.randn(4, 3))
+    before = {name: t.clone() for name, t in layer.state_dict().items()}
+    x = torch.randn(4, 3)
+    x[0, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="NaN or infinity"):
+        compiled(x)
+    for name, value in layer.state_dict().items():
+        assert torch.equal(value, before[name]), name
