@@ -19,8 +19,6 @@ from torch import nn
 import batchnorm
 from batchnorm.bench import measure, models
 
-MODES = ("eager", "compile")
-
 
 @dataclass(frozen=True)
 class ModelCase:
@@ -90,20 +88,35 @@ def run(case: ModelCase, layout: str, compiler: measure.Compiler, rounds: int, w
 
     steps = {f"eager {name}": training_step(variant(name), x, target)
              for name in ("torch", "ours")}
+
     def compiled_step(implementation: str) -> measure.Step:
-        return training_step(compiler.compile(variant(implementation)), x, target)
+        step = training_step(compiler.compile(variant(implementation.split()[0])), x, target)
+        if implementation == "torch" or implementation == "ours":
+            return step
+
+        def with_operators() -> object:  # dynamo keeps one graph per value of the switch
+            batchnorm.functional.DECOMPOSE_UNDER_COMPILE = False
+            try:
+                return step()
+            finally:
+                batchnorm.functional.DECOMPOSE_UNDER_COMPILE = True
+        return with_operators
 
     compiled, notes = compiler.warm_up({f"compile {name}": partial(compiled_step, name)
-                                        for name in ("torch", "ours")})
+                                        for name in ("torch", "ours", "ours operators")})
     steps.update(compiled)
     timed = measure.interleaved_rounds(steps, rounds, warmup, min_round_s)
+    pairs = {"eager": ("eager torch", "eager ours"),
+             "compile": ("compile torch", "compile ours"),
+             "compile, operators": ("compile torch", "compile ours operators")}
     return [{"model": case.name, "input_shape": list(case.input_shape), "layout": layout,
              "mode": mode, "load_1min": timed.load_1min, "cpu_wait": timed.cpu_wait,
-             "torch_ms": timed.ms(f"{mode} torch"), "ours_ms": timed.ms(f"{mode} ours"),
-             "speedup": timed.compare(f"{mode} torch", f"{mode} ours", limits),
-             "rounds_ms": {name.split()[1]: values for name, values in
-                           timed.rounds_ms().items() if name.startswith(mode)},
+             "torch_ms": timed.ms(torch_name), "ours_ms": timed.ms(ours_name),
+             "speedup": timed.compare(torch_name, ours_name, limits),
+             "rounds_ms": {"torch": timed.rounds_ms().get(torch_name),
+                           "ours": timed.rounds_ms().get(ours_name)},
              "graphs_compiled_while_timing": timed.graphs_compiled,
              "note": "" if mode == "eager" else
-             f"torch.nn {notes['compile torch']}; converted {notes['compile ours']}"}
-            for mode in (MODES if compiler.enabled else MODES[:1])]
+             f"torch.nn {notes['compile torch']}; converted {notes[ours_name]}"}
+            for mode, (torch_name, ours_name) in pairs.items()
+            if compiler.enabled or mode == "eager"]
