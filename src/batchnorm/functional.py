@@ -296,7 +296,8 @@ def group_norm(input: Tensor, num_groups: int, weight: Tensor | None = None,
     if _decompose():
         return decomposed.group_norm(input, num_groups, weight, bias, eps)
     if _transforms_active():
-        return normalize.group_norm_forward(reference, input, weight, bias, num_groups, eps)[0]
+        return normalize.group_norm_forward(reference, input, weight, bias, num_groups, eps,
+                                            check=False)[0]
     return ops.group_norm(input, weight, bias, num_groups, eps)[0]
 
 
@@ -320,7 +321,8 @@ def layer_norm(input: Tensor, normalized_shape: Sequence[int] | int,
     if _decompose():
         return decomposed.layer_norm(input, ndim, weight, bias, eps)
     if _transforms_active():
-        return normalize.layer_norm_forward(reference, input, ndim, weight, bias, eps)[0]
+        return normalize.layer_norm_forward(reference, input, ndim, weight, bias, eps,
+                                            check=False)[0]
     return ops.layer_norm(input, ndim, weight, bias, eps)[0]
 
 
