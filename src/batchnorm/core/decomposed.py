@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from batchnorm.core.policy import momentum_factor
 from batchnorm.kernels.reference import accumulation_dtype, activation_forward
 
 NON_FINITE = ("input contains NaN or infinity: batch statistics are not finite, so the "
@@ -53,12 +54,7 @@ def _update(running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tens
             mean: Tensor, var: Tensor, count: int, momentum: float | None) -> None:
     finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
     torch._assert_async(finite, NON_FINITE)
-    if momentum is not None:
-        factor: float | Tensor = momentum
-    elif num_batches_tracked is not None:
-        factor = 1.0 / (num_batches_tracked + 1).to(mean.dtype)
-    else:
-        factor = 0.0
+    factor = momentum_factor(num_batches_tracked, momentum, mean.dtype)
     for running, batch in ((running_mean, mean), (running_var, var * (count / (count - 1)))):
         updated = torch.lerp(running.to(batch.dtype), batch, factor)
         running.copy_(torch.where(finite, updated, running.to(batch.dtype)))

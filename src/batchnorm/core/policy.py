@@ -72,6 +72,17 @@ def pooled_statistics(mean: Tensor, var: Tensor, count: int, last_count: int
     return (counts * mean).sum(0) / total, (counts * var).sum(0) / (total - chunks)
 
 
+def momentum_factor(num_batches_tracked: Tensor | None, momentum: float | None,
+                    dtype: torch.dtype) -> float | Tensor:
+    """This step's weight of the batch: ``momentum``, or ``1 / num_batches_tracked`` after
+    counting this batch (a cumulative average) when ``momentum`` is None, as torch's."""
+    if momentum is not None:
+        return momentum
+    if num_batches_tracked is not None:
+        return 1.0 / (num_batches_tracked + 1).to(dtype)
+    return 0.0
+
+
 @torch.no_grad()
 def update_running_stats(running_mean: Tensor, running_var: Tensor,
                          num_batches_tracked: Tensor | None, mean: Tensor, var: Tensor,
@@ -86,12 +97,7 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor,
         return
     batch_mean, batch_var = pooled_statistics(mean, var, count, last_count)
     check_finite(batch_mean, batch_var)
-    if momentum is not None:
-        factor: float | Tensor = momentum
-    elif num_batches_tracked is not None:
-        factor = 1.0 / (num_batches_tracked + 1).to(batch_mean.dtype)
-    else:
-        factor = 0.0
+    factor = momentum_factor(num_batches_tracked, momentum, batch_mean.dtype)
     updates = [(name, running, torch.lerp(running.to(batch.dtype), batch, factor))
                for name, running, batch in (("running_mean", running_mean, batch_mean),
                                             ("running_var", running_var, batch_var))]
