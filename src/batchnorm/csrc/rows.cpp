@@ -16,6 +16,11 @@
 namespace batchnorm_cpu {
 namespace {
 
+at::Tensor as_accumulation(const at::Tensor& t, const at::TensorOptions& options) {
+  if (t.scalar_type() == options.dtype() && t.is_contiguous()) return t;
+  return t.to(options.dtype()).contiguous();
+}
+
 // weight or bias as a (K,) accumulation-dtype tensor; `fill` when absent.
 at::Tensor column_param(const std::optional<at::Tensor>& param, int64_t columns,
                         const at::TensorOptions& options, double fill, const char* op,
@@ -23,7 +28,7 @@ at::Tensor column_param(const std::optional<at::Tensor>& param, int64_t columns,
   if (!param.has_value() || !param->defined()) return at::full({columns}, fill, options);
   TORCH_CHECK(param->dim() == 1 && param->size(0) == columns, op, ": ", name,
               " must have shape (", columns, ",), got ", param->sizes());
-  return param->to(options.dtype()).contiguous();
+  return as_accumulation(*param, options);
 }
 
 template <typename T>
@@ -197,8 +202,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rows_backward(
   const at::Tensor x = x_in.contiguous();
   const at::Tensor dy = dy_in.contiguous();
   const auto options = x.options().dtype(accumulation_type(x.scalar_type()));
-  const at::Tensor mean = mean_in.to(options.dtype()).contiguous();
-  const at::Tensor invstd = invstd_in.to(options.dtype()).contiguous();
+  const at::Tensor mean = as_accumulation(mean_in, options);
+  const at::Tensor invstd = as_accumulation(invstd_in, options);
   const at::Tensor weight = column_param(weight_in, K, options, 1.0, op, "weight");
   at::Tensor dx = at::empty_like(x);
   at::Tensor sum_dy_xhat = at::zeros({K}, options);
