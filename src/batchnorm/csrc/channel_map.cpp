@@ -17,9 +17,9 @@ namespace {
 // the row's offset into the tables spread over the columns (per_column).
 template <typename Op>
 void for_each_run(const ChannelShape& s, Op op) {
+  const int64_t chunk = s.chunk;
   if (s.columns()) {
     const int64_t W = s.width();
-    const int64_t chunk = s.chunk;
     at::parallel_for(0, s.rows, grain_for(W), [=](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) op.columns(row * W, W, (row / chunk) * W);
     });
@@ -27,11 +27,18 @@ void for_each_run(const ChannelShape& s, Op op) {
   }
   const int64_t C = s.channels;
   const int64_t Q = s.quantity;
-  const int64_t chunk = s.chunk;
+  // segments are short: step (row, channel) without a division per segment
   at::parallel_for(0, s.rows * C, grain_for(Q), [=](int64_t begin, int64_t end) {
+    int64_t row = begin / C;
+    int64_t channel = begin - row * C;
+    int64_t table = (row / chunk) * C;
     for (int64_t index = begin; index < end; ++index) {
-      const int64_t row = index / C;
-      op.segment(index * Q, Q, (row / chunk) * C + (index - row * C));
+      op.segment(index * Q, Q, table + channel);
+      if (++channel == C) {
+        channel = 0;
+        ++row;
+        table = (row / chunk) * C;
+      }
     }
   });
 }

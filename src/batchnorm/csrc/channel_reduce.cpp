@@ -107,6 +107,57 @@ void column_sums(const ChannelShape& s, const Terms terms, const Finish& finish)
   }
 }
 
+// Sums of two terms per (group, channel) item over the long segments of a channels view:
+// add(sums, group, channel, row) adds the terms of one row's segment to a TwoSums;
+// finish(item, first, second) receives the item's double totals. When the items are few and
+// long, each group's rows are split into segment_blocks() blocks (a function of the shape),
+// merged in block order.
+template <typename acc_t, typename Add, typename Finish>
+void segment_sums(const ChannelShape& s, const Add& add, const Finish& finish) {
+  const int64_t C = s.channels;
+  const int64_t items = s.chunks * C;
+  const int64_t blocks = std::clamp<int64_t>(
+      s.group_rows() * s.quantity / kSegmentBlockValues, 1, std::min(s.group_rows(), kMaxBlocks));
+  auto block_sums = [&](int64_t item, int64_t block) {
+    const int64_t group = item / C;
+    const int64_t channel = item - group * C;
+    const int64_t begin = s.begin(group);
+    const int64_t rows = s.end(group) - begin;
+    TwoSums<acc_t> sums;
+    for (int64_t row = begin + block * rows / blocks; row < begin + (block + 1) * rows / blocks;
+         ++row) {
+      add(sums, group, channel, row);
+    }
+    sums.flush();
+    return std::pair<double, double>(sums.total_first, sums.total_second);
+  };
+  if (blocks == 1) {
+    at::parallel_for(0, items, grain_for(s.group_rows() * s.quantity),
+                     [&](int64_t begin, int64_t end) {
+                       for (int64_t item = begin; item < end; ++item) {
+                         auto [a, b] = block_sums(item, 0);
+                         finish(item, a, b);
+                       }
+                     });
+    return;
+  }
+  std::vector<std::pair<double, double>> partial(items * blocks);
+  at::parallel_for(0, items * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      partial[task] = block_sums(task / blocks, task % blocks);
+    }
+  });
+  for (int64_t item = 0; item < items; ++item) {
+    double a = 0;
+    double b = 0;
+    for (int64_t block = 0; block < blocks; ++block) {
+      a += partial[item * blocks + block].first;
+      b += partial[item * blocks + block].second;
+    }
+    finish(item, a, b);
+  }
+}
+
 // Sums each channel's Q adjacent columns into column `channel`, in place and in column order.
 inline void fold_columns(double* values, int64_t channels, int64_t quantity) {
   if (quantity == 1) return;
@@ -174,26 +225,24 @@ void stats_kernel(const at::Tensor& x, const ChannelShape& s, at::Tensor& mean,
     return;
   }
 
-  at::parallel_for(0, s.chunks * C, grain_for(s.group_rows() * Q), [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t group = item / C;
-      const int64_t channel = item - group * C;
-      const acc_t pivot = static_cast<acc_t>(data[(s.begin(group) * C + channel) * Q]);
-      const Vec pivot_vec(pivot);
-      TwoSums<acc_t> sums;
-      for (int64_t row = s.begin(group); row < s.end(group); ++row) {
+  segment_sums<acc_t>(
+      s,
+      [&](TwoSums<acc_t>& sums, int64_t group, int64_t channel, int64_t row) {
+        const Vec pivot(static_cast<acc_t>(data[(s.begin(group) * C + channel) * Q]));
         const T* segment = data + (row * C + channel) * Q;
         sums.add(Q, [&](int64_t i, int64_t count) {
-          Vec d = L::load(segment + i, count) - pivot_vec;
+          Vec d = L::load(segment + i, count) - pivot;
           if (count != L::width) d = Vec::set(Vec(0), d, count);
           return std::pair<Vec, Vec>(d, d * d);
         });
-      }
-      sums.flush();
-      write_stats(&sums.total_first, &sums.total_second, &pivot, 1, inverse_count(group),
-                  mean_data + item, var_data + item);
-    }
-  });
+      },
+      [&](int64_t item, double sum, double sum_sq) {
+        const int64_t group = item / C;
+        const acc_t pivot =
+            static_cast<acc_t>(data[(s.begin(group) * C + item - group * C) * Q]);
+        write_stats(&sum, &sum_sq, &pivot, 1, inverse_count(group), mean_data + item,
+                    var_data + item);
+      });
 }
 
 template <typename T, Activation A>
@@ -244,15 +293,13 @@ void backward_reduce_kernel(const at::Tensor& dy, const at::Tensor& x, const at:
   const acc_t* mean_data = mean.const_data_ptr<acc_t>();
   const acc_t* scale_data = scale.const_data_ptr<acc_t>();
   const acc_t* shift_data = shift.const_data_ptr<acc_t>();
-  at::parallel_for(0, s.chunks * C, grain_for(2 * s.group_rows() * Q), [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t group = item / C;
-      const int64_t channel = item - group * C;
-      const Vec m(mean_data[item]);
-      const Vec a(scale_data[item]);
-      const Vec b(shift_data[item]);
-      TwoSums<acc_t> sums;
-      for (int64_t row = s.begin(group); row < s.end(group); ++row) {
+  segment_sums<acc_t>(
+      s,
+      [&](TwoSums<acc_t>& sums, int64_t group, int64_t channel, int64_t row) {
+        const int64_t item = group * C + channel;
+        const Vec m(mean_data[item]);
+        const Vec a(scale_data[item]);
+        const Vec b(shift_data[item]);
         const int64_t offset = (row * C + channel) * Q;
         sums.add(Q, [&](int64_t i, int64_t count) {
           Vec xc = L::load(x_data + offset + i, count) - m;
@@ -264,12 +311,11 @@ void backward_reduce_kernel(const at::Tensor& dy, const at::Tensor& x, const at:
           }
           return std::pair<Vec, Vec>(g, g * xc);
         });
-      }
-      sums.flush();
-      sum_g_data[item] = static_cast<acc_t>(sums.total_first);
-      sum_g_xc_data[item] = static_cast<acc_t>(sums.total_second);
-    }
-  });
+      },
+      [&](int64_t item, double first, double second) {
+        sum_g_data[item] = static_cast<acc_t>(first);
+        sum_g_xc_data[item] = static_cast<acc_t>(second);
+      });
 }
 
 }  // namespace

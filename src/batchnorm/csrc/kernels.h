@@ -240,6 +240,9 @@ inline void flush_columns(acc_t* acc, double* total, int64_t width) {
 constexpr int64_t kBlockRows = 64;
 constexpr int64_t kMaxBlocks = 64;
 
+// Values per row block of a long-segment reduction, when its (group, channel) items are few.
+constexpr int64_t kSegmentBlockValues = 1 << 18;
+
 inline int64_t row_blocks(int64_t rows) {
   return std::clamp<int64_t>(rows / kBlockRows, 1, kMaxBlocks);
 }

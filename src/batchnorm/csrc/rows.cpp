@@ -38,7 +38,6 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& weight, const at::Ten
   using acc_t = typename L::acc_t;
   using Vec = typename L::Vec;
   const int64_t K = x.size(1);
-  const int64_t whole = K - K % L::width;
   const T* x_data = x.const_data_ptr<T>();
   const acc_t* w = weight.const_data_ptr<acc_t>();
   const acc_t* b = bias.const_data_ptr<acc_t>();
@@ -66,12 +65,10 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& weight, const at::Ten
       const Vec m_vec(m);
       const Vec inv_vec(inv);
       T* out = y_data + r * K;
-      auto step = [&](int64_t i, int64_t count) {
+      over_run<L::width>(K, [=](int64_t i, int64_t count) {
         const Vec x_hat = (L::load(row + i, count) - m_vec) * inv_vec;
         L::store(out + i, x_hat * Vec::loadu(w + i, count) + Vec::loadu(b + i, count), count);
-      };
-      for (int64_t i = 0; i < whole; i += L::width) step(i, L::width);
-      if (whole < K) step(whole, K - whole);
+      });
     }
   });
 }
@@ -85,7 +82,6 @@ void backward_kernel(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
   using Vec = typename L::Vec;
   const int64_t R = x.size(0);
   const int64_t K = x.size(1);
-  const int64_t whole = K - K % L::width;
   const int64_t padded = round_up(K, L::width);
   const int64_t blocks = row_blocks(R);
   const T* dy_data = dy.const_data_ptr<T>();
@@ -124,7 +120,7 @@ void backward_kernel(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
         const Vec mean_gh(static_cast<acc_t>(sums.total_first / K));
         const Vec mean_gh_xhat(static_cast<acc_t>(sums.total_second / K));
         T* out = dx_data + r * K;
-        auto step = [&](int64_t i, int64_t count) {
+        over_run<L::width>(K, [=](int64_t i, int64_t count) {
           Vec x_hat = (L::load(x_row + i, count) - m) * inv;
           const Vec g = L::load(dy_row + i, count);
           const Vec gh = g * Vec::loadu(w + i, count);
@@ -132,9 +128,7 @@ void backward_kernel(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
           if (count != L::width) x_hat = Vec::set(Vec(0), x_hat, count);
           (Vec::loadu(acc_dy_xhat + i) + g * x_hat).store(acc_dy_xhat + i);
           (Vec::loadu(acc_dy + i) + g).store(acc_dy + i);
-        };
-        for (int64_t i = 0; i < whole; i += L::width) step(i, L::width);
-        if (whole < K) step(whole, K - whole);
+        });
         if (++since_flush == kFlushRows) {
           flush_columns(acc.data(), total, 2 * padded);
           since_flush = 0;
