@@ -1,21 +1,32 @@
-"""Shared fixtures: where the real MNIST files live.
+"""Shared fixtures: where the real MNIST files live; Triton's interpreter without a GPU.
 
 Tests that read MNIST take the ``mnist_data_dir`` fixture: ``$BATCHNORM_DATA`` (default
 ``../shared/data`` beside the repository) must hold ``mnist/`` with the official test
 files. Without them the tests skip with a loud reason, except under CI
 (``BATCHNORM_REQUIRE_DATA=1``), where a missing data set is a failure.
+
+Without CUDA, ``TRITON_INTERPRET=1`` is set here, before any test imports the Triton
+kernels (triton reads it when a kernel is defined), so that they run on CPU tensors.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():  # before batchnorm (and so triton) is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from batchnorm.data import default_data_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# Test helpers shared by several folders (``lookalikes``) import by module name, which
+# pytest's importlib mode does not provide.
+sys.path.insert(0, str(Path(__file__).parent))
 
 
 @pytest.fixture

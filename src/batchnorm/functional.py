@@ -1,8 +1,9 @@
 """Functional normalizations with torch.nn.functional's signatures, on one core.
 
-Each function only validates its arguments (with torch's error types and messages), picks
-the canonical view whose reduced dims define it, and hands over to
-:func:`batchnorm.core.policy.normalize_view`.
+Each function validates its arguments (with torch's error types and messages) and calls
+the registered operators of :mod:`batchnorm.ops`: one forward operator, then, in training,
+the running-statistics update. Under ``torch.func`` transforms the core runs directly on
+the reference primitives (plain torch ops), which every transform understands.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from batchnorm import ops
+from batchnorm.core import decomposed, normalize
 from batchnorm.core.activation import make_activation
-from batchnorm.core.layout import View, channel_view, group_view, row_view
-from batchnorm.core.policy import Renorm, StatsReducer, normalize_view
-from batchnorm.core.spec import NormSpec
+from batchnorm.core.policy import RENORM_KEYS
+from batchnorm.core.sync import StatsReducer, sync_batch_norm
 from batchnorm.kernels import reference
 
 __all__ = ["batch_norm", "group_norm", "instance_norm", "layer_norm", "moments"]
@@ -32,6 +34,69 @@ def _check_eps(eps: float, training: bool) -> None:
 def _check_per_channel(name: str, tensor: Tensor | None, channels: int) -> None:
     if tensor is not None and tensor.numel() != channels:
         raise RuntimeError(f"{name} should contain {channels} elements not {tensor.numel()}")
+
+
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _check_dtypes(op: str, input: Tensor, **tensors: Tensor | None) -> None:
+    """torch's contract: floating input only; parameters and buffers of the input's dtype,
+    or float32 beside float16/bfloat16 input (mixed precision)."""
+    if input.dtype not in _FLOAT_DTYPES:
+        raise RuntimeError(f"{op}: input dtype {input.dtype} is not supported; expected one "
+                           "of float16, bfloat16, float32, float64")
+    for name, tensor in tensors.items():
+        if tensor is None or tensor.dtype == input.dtype:
+            continue
+        if not (input.dtype in _HALF_DTYPES and tensor.dtype == torch.float32):
+            raise RuntimeError(f"{op}: {name} has dtype {tensor.dtype} but input has dtype "
+                               f"{input.dtype}; expected {input.dtype}"
+                               + (" or torch.float32" if input.dtype in _HALF_DTYPES else ""))
+
+
+def _check_buffers_need_no_grad(**buffers: Tensor | None) -> None:
+    for name, tensor in buffers.items():
+        if tensor is not None and tensor.requires_grad:
+            raise RuntimeError(f"{name} must not require grad: running statistics are "
+                               "updated in place in training, got requires_grad=True")
+
+
+def _transforms_active() -> bool:
+    """Inside torch.func transforms (grad, vmap, jvp): run the core on plain torch ops."""
+    return torch._C._are_functorch_transforms_active()
+
+
+DECOMPOSE_UNDER_COMPILE = True
+"""Under ``torch.compile`` (not ``torch.export``), plain BatchNorm/GroupNorm/LayerNorm
+trace as plain torch ops (:mod:`batchnorm.core.decomposed`) that Inductor fuses with their
+neighbours, as it does torch.nn's; False keeps the operators (the bench measures both)."""
+
+
+def _decompose() -> bool:
+    return (DECOMPOSE_UNDER_COMPILE and torch.compiler.is_compiling()
+            and not torch.compiler.is_exporting())
+
+
+def _renorm_limits(renorm_clipping: Mapping[str, float] | None) -> list[float]:
+    """``(rmax, rmin, dmax)`` from TensorFlow-style ``renorm_clipping`` (any subset; the
+    missing ones do not clip)."""
+    clipping = {} if renorm_clipping is None else renorm_clipping
+    if not isinstance(clipping, Mapping):
+        raise TypeError(f"renorm_clipping must be a mapping with keys among {RENORM_KEYS}, "
+                        f"got {clipping!r}")
+    unknown = sorted(set(clipping) - set(RENORM_KEYS))
+    if unknown:
+        raise ValueError(f"renorm_clipping keys must be among {RENORM_KEYS}, got {unknown}")
+    rmax, rmin, dmax = (float(clipping.get(key, default))
+                        for key, default in zip(RENORM_KEYS, (math.inf, 0.0, math.inf),
+                                                strict=True))
+    if not 0.0 <= rmin <= 1.0 <= rmax:
+        raise ValueError("renorm_clipping must have 0 <= rmin <= 1 <= rmax, got "
+                         f"rmin={rmin}, rmax={rmax}")
+    if not dmax >= 0.0:
+        raise ValueError(f"renorm_clipping dmax must be >= 0, got {dmax}")
+    return [rmax, rmin, dmax]
 
 
 def _normalize_axis(axis: int, ndim: int) -> int:
@@ -50,8 +115,8 @@ def check_ghost_batch_size(ghost_batch_size: int | None) -> None:
                          f"{ghost_batch_size!r}")
 
 
-def _ghost_rows(view_rows: int, batch: int, ghost_batch_size: int, axis: int) -> int:
-    """Rows of the canonical view per ghost batch; every chunk must hold two samples."""
+def _check_ghost_batches(batch: int, ghost_batch_size: int, axis: int) -> None:
+    """Every ghost batch (chunk of dim 0) must hold two samples."""
     if axis == 0:
         raise ValueError("ghost_batch_size splits dim 0 (the batch), which cannot also be the "
                          "channel axis; got axis=0")
@@ -60,21 +125,113 @@ def _ghost_rows(view_rows: int, batch: int, ghost_batch_size: int, axis: int) ->
                          "samples into chunks whose last one has 1 sample; a ghost batch needs "
                          "at least 2 samples: use a ghost_batch_size that leaves no single "
                          "sample (e.g. a divisor of N) or drop the incomplete last batch")
-    return view_rows // batch * ghost_batch_size
 
 
-def _renorm_policy(training: bool, renorm: bool, renorm_clipping: Mapping[str, float] | None,
-                   running_mean: Tensor | None, running_var: Tensor | None,
-                   renorm_mean: Tensor | None, renorm_var: Tensor | None,
-                   renorm_momentum: float, channels: int) -> Renorm | None:
-    if not renorm:
-        if renorm_clipping is not None or renorm_mean is not None or renorm_var is not None:
-            raise ValueError("renorm_clipping, renorm_mean and renorm_var need renorm=True")
-        return None
-    policy = Renorm.from_clipping(renorm_clipping, mean=renorm_mean, var=renorm_var,
-                                  momentum=renorm_momentum)
-    if not training:
-        return None
+def _normalize_channels(input: Tensor, weight: Tensor | None, bias: Tensor | None,
+                        running_mean: Tensor | None, running_var: Tensor | None,
+                        num_batches_tracked: Tensor | None, training: bool,
+                        momentum: float | None, eps: float, axis: int, chunk: int,
+                        activation: str, activation_param: float,
+                        renorm_clipping: list[float] | None, renorm_mean: Tensor | None,
+                        renorm_var: Tensor | None, renorm_momentum: float) -> Tensor:
+    """One forward operator, then (training) the running statistics follow the accepted
+    batch: chunk statistics of ``count`` values each, the last one of ``last_count``."""
+    transforms = _transforms_active()
+    if transforms:
+        out, mean, var, _, _ = normalize.batch_norm_forward(
+            reference, input, weight, bias, running_mean, running_var, training, eps, axis,
+            chunk, activation, activation_param, renorm_clipping, renorm_mean, renorm_var,
+            check=False)
+    else:
+        out, mean, var, _, _ = ops.batch_norm(
+            input, weight, bias, running_mean, running_var, training, eps, axis, chunk,
+            activation, activation_param, renorm_clipping, renorm_mean, renorm_var)
+    if training and running_mean is not None:
+        batch = input.shape[0]
+        values = input.numel() // input.shape[axis]
+        count = last_count = values
+        if chunk and batch:
+            count = values // batch * min(chunk, batch)
+            last_count = values // batch * (batch % chunk or chunk)
+        if transforms:  # the operator updates buffers the transforms do not track
+            mean, var = mean.detach(), var.detach()
+        ops.update_running_stats_(running_mean, running_var, num_batches_tracked, mean, var,
+                                  count, last_count, momentum)
+        if renorm_mean is not None:
+            ops.update_running_stats_(renorm_mean, renorm_var, None, mean, var, count,
+                                      last_count, renorm_momentum)
+    return out
+
+
+def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+               weight: Tensor | None = None, bias: Tensor | None = None,
+               training: bool = False, momentum: float | None = 0.1, eps: float = 1e-5, *,
+               axis: int = 1, activation: str | None = None,
+               activation_param: float | None = None, ghost_batch_size: int | None = None,
+               renorm: bool = False, renorm_clipping: Mapping[str, float] | None = None,
+               renorm_mean: Tensor | None = None, renorm_var: Tensor | None = None,
+               renorm_momentum: float = 0.1, num_batches_tracked: Tensor | None = None,
+               reducer: StatsReducer | None = None) -> Tensor:
+    """Batch normalization over every dim but ``axis`` (the channel axis; ``-1`` for
+    channels-last / TensorFlow layout), optionally followed by a fused activation.
+
+    In training, ``ghost_batch_size`` normalizes each chunk of that many samples (dim 0)
+    with its own statistics; ``renorm=True`` applies Batch Renormalization with r and d
+    clipped by ``renorm_clipping`` and measured against ``renorm_mean``/``renorm_var``
+    (updated with ``renorm_momentum``) or, when those are None, the running statistics.
+    Both are ignored in eval mode. ``num_batches_tracked`` counts accepted training
+    batches; with ``momentum=None`` the running statistics are then cumulative averages.
+    A ``reducer`` (SyncBatchNorm) makes the training statistics those of the batch of every
+    process it reaches, unless ghost batches keep them per process."""
+    if input.dim() < 2 and axis == 1:
+        raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+    axis = _normalize_axis(axis, input.dim())
+    channels = input.shape[axis]
+    for name, tensor in (("running_mean", running_mean), ("running_var", running_var),
+                         ("weight", weight), ("bias", bias)):
+        _check_per_channel(name, tensor, channels)
+    _check_dtypes("batch_norm", input, weight=weight, bias=bias, running_mean=running_mean,
+                  running_var=running_var)
+    if training:
+        if input.numel() // max(channels, 1) == 1 and reducer is None:  # it checks the merge
+            raise ValueError("Expected more than 1 value per channel when training, "
+                             f"got input size {input.size()}")
+        _check_buffers_need_no_grad(running_mean=running_mean, running_var=running_var)
+    elif running_mean is None or running_var is None:
+        raise ValueError("running_mean and running_var must be given when training=False")
+    _check_eps(eps, training)
+    check_ghost_batch_size(ghost_batch_size)
+    act = make_activation(activation, activation_param)
+    clipping = None
+    if renorm:
+        clipping = _renorm_limits(renorm_clipping)
+        if training:
+            _check_renorm_references(running_mean, running_var, renorm_mean, renorm_var,
+                                     channels)
+    elif renorm_clipping is not None or renorm_mean is not None or renorm_var is not None:
+        raise ValueError("renorm_clipping, renorm_mean and renorm_var need renorm=True")
+    chunk = 0
+    if training and ghost_batch_size is not None and input.shape[0] > 0:
+        _check_ghost_batches(input.shape[0], ghost_batch_size, axis)
+        chunk = ghost_batch_size
+    if chunk == 0 and clipping is None and reducer is None and _decompose():
+        return decomposed.batch_norm(input, weight, bias, running_mean, running_var,
+                                     num_batches_tracked if training else None, training,
+                                     momentum, eps, axis, act.name, act.param)
+    if training and reducer is not None and ghost_batch_size is None:
+        return sync_batch_norm(input, weight, bias, running_mean, running_var,
+                               num_batches_tracked, momentum, eps, axis, act.name, act.param,
+                               clipping, renorm_mean, renorm_var, renorm_momentum, reducer)
+    return _normalize_channels(input, weight, bias, running_mean, running_var,
+                               num_batches_tracked, training, momentum, eps, axis, chunk,
+                               act.name, act.param, clipping if training else None,
+                               renorm_mean if training else None,
+                               renorm_var if training else None, renorm_momentum)
+
+
+def _check_renorm_references(running_mean: Tensor | None, running_var: Tensor | None,
+                             renorm_mean: Tensor | None, renorm_var: Tensor | None,
+                             channels: int) -> None:
     if (renorm_mean is None) != (renorm_var is None):
         raise ValueError("renorm_mean and renorm_var must be given together, got "
                          f"renorm_mean={type(renorm_mean).__name__}, "
@@ -84,89 +241,34 @@ def _renorm_policy(training: bool, renorm: bool, renorm_clipping: Mapping[str, f
     if renorm_mean is None and (running_mean is None or running_var is None):
         raise ValueError("renorm=True measures r and d against running_mean and running_var "
                          "(or renorm_mean and renorm_var), but they were not given")
-    return policy
-
-
-def _normalize_per_sample(view: View, weight: Tensor | None, bias: Tensor | None,
-                          eps: float) -> Tensor:
-    """GroupNorm and LayerNorm: statistics of the input itself, never running ones."""
-    _check_eps(eps, training=False)
-    spec = NormSpec(view.reduce_dims, view.param_shape, eps)
-    return normalize_view(view, spec, weight, bias, use_batch_stats=True)
-
-
-def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
-               weight: Tensor | None = None, bias: Tensor | None = None,
-               training: bool = False, momentum: float = 0.1, eps: float = 1e-5, *,
-               axis: int = 1, activation: str | None = None,
-               activation_param: float | None = None, ghost_batch_size: int | None = None,
-               renorm: bool = False, renorm_clipping: Mapping[str, float] | None = None,
-               renorm_mean: Tensor | None = None, renorm_var: Tensor | None = None,
-               renorm_momentum: float = 0.1,
-               reducer: StatsReducer | None = None) -> Tensor:
-    """Batch normalization over every dim but ``axis`` (the channel axis; ``-1`` for
-    channels-last / TensorFlow layout), optionally followed by a fused activation.
-
-    In training, ``ghost_batch_size`` normalizes each chunk of that many samples (dim 0)
-    with its own statistics; ``renorm=True`` applies Batch Renormalization with r and d
-    clipped by ``renorm_clipping`` and measured against ``renorm_mean``/``renorm_var``
-    (updated with ``renorm_momentum``) or, when those are None, the running statistics.
-    See :class:`batchnorm.core.policy.Renorm`. Both are ignored in eval mode."""
-    if input.dim() < 2 and axis == 1:
-        raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
-    axis = _normalize_axis(axis, input.dim())
-    channels = input.shape[axis]
-    for name, tensor in (("running_mean", running_mean), ("running_var", running_var),
-                         ("weight", weight), ("bias", bias)):
-        _check_per_channel(name, tensor, channels)
-    if training:
-        values_per_channel = input.numel() // max(channels, 1)
-        if values_per_channel == 1 and reducer is None:  # a reducer checks the merged count
-            raise ValueError("Expected more than 1 value per channel when training, "
-                             f"got input size {input.size()}")
-    elif running_mean is None or running_var is None:
-        raise ValueError("running_mean and running_var must be given when training=False")
-    _check_eps(eps, training)
-    check_ghost_batch_size(ghost_batch_size)
-    renorm_policy = _renorm_policy(training, renorm, renorm_clipping, running_mean,
-                                   running_var, renorm_mean, renorm_var, renorm_momentum,
-                                   channels)
-    view = channel_view(input, axis)
-    spec = NormSpec(view.reduce_dims, view.param_shape, eps,
-                    make_activation(activation, activation_param))
-    ghost_rows = None
-    if training and ghost_batch_size is not None and input.shape[0] > 0:
-        ghost_rows = _ghost_rows(view.x.shape[0], input.shape[0], ghost_batch_size, axis)
-    return normalize_view(view, spec, weight, bias, use_batch_stats=training,
-                          running_mean=running_mean, running_var=running_var,
-                          momentum=momentum, reducer=reducer, ghost_rows=ghost_rows,
-                          renorm=renorm_policy)
 
 
 def instance_norm(input: Tensor, running_mean: Tensor | None = None,
                   running_var: Tensor | None = None, weight: Tensor | None = None,
                   bias: Tensor | None = None, use_input_stats: bool = True,
                   momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
-    """Instance normalization: statistics per sample and channel over the spatial dims."""
+    """Instance normalization: statistics per sample and channel over the spatial dims
+    (BatchNorm with chunks of one sample; the running statistics average the instances)."""
     if input.dim() < 3:
         raise ValueError(f"expected at least 3D input (got {input.dim()}D input)")
     channels = input.shape[1]
     for name, tensor in (("running_mean", running_mean), ("running_var", running_var),
                          ("weight", weight), ("bias", bias)):
         _check_per_channel(name, tensor, channels)
+    _check_dtypes("instance_norm", input, weight=weight, bias=bias, running_mean=running_mean,
+                  running_var=running_var)
     if use_input_stats:
         if math.prod(input.shape[2:]) == 1:
             raise ValueError("Expected more than 1 spatial element when training, "
                              f"got input size {input.size()}")
+        _check_buffers_need_no_grad(running_mean=running_mean, running_var=running_var)
     elif running_mean is None or running_var is None:
         raise ValueError("running_mean and running_var must be given when "
                          "use_input_stats=False")
     _check_eps(eps, training=False)
-    view = group_view(input, channels)
-    spec = NormSpec(view.reduce_dims, view.param_shape, eps)
-    return normalize_view(view, spec, weight, bias, use_batch_stats=use_input_stats,
-                          running_mean=running_mean, running_var=running_var,
-                          momentum=momentum)
+    return _normalize_channels(input, weight, bias, running_mean, running_var, None,
+                               use_input_stats, momentum, eps, 1, 1, "identity", 0.0, None,
+                               None, None, 0.0)
 
 
 def group_norm(input: Tensor, num_groups: int, weight: Tensor | None = None,
@@ -189,7 +291,13 @@ def group_norm(input: Tensor, num_groups: int, weight: Tensor | None = None,
             raise RuntimeError(f"Expected {name} to be a vector of size equal to the number "
                                f"of channels in input, but got {name} of shape "
                                f"{list(tensor.shape)} and input of shape {list(input.shape)}")
-    return _normalize_per_sample(group_view(input, num_groups), weight, bias, eps)
+    _check_dtypes("group_norm", input, weight=weight, bias=bias)
+    _check_eps(eps, training=False)
+    if _decompose():
+        return decomposed.group_norm(input, num_groups, weight, bias, eps)
+    if _transforms_active():
+        return normalize.group_norm_forward(reference, input, weight, bias, num_groups, eps)[0]
+    return ops.group_norm(input, weight, bias, num_groups, eps)[0]
 
 
 def layer_norm(input: Tensor, normalized_shape: Sequence[int] | int,
@@ -207,7 +315,13 @@ def layer_norm(input: Tensor, normalized_shape: Sequence[int] | int,
             raise RuntimeError(f"Expected {name} to be of same shape as normalized_shape, "
                                f"but got {name} of shape {list(tensor.shape)} and "
                                f"normalized_shape = {list(shape)}")
-    return _normalize_per_sample(row_view(input, ndim), weight, bias, eps)
+    _check_dtypes("layer_norm", input, weight=weight, bias=bias)
+    _check_eps(eps, training=False)
+    if _decompose():
+        return decomposed.layer_norm(input, ndim, weight, bias, eps)
+    if _transforms_active():
+        return normalize.layer_norm_forward(reference, input, ndim, weight, bias, eps)[0]
+    return ops.layer_norm(input, ndim, weight, bias, eps)[0]
 
 
 def moments(x: Tensor, dims: int | Sequence[int], correction: int = 0,
@@ -216,8 +330,12 @@ def moments(x: Tensor, dims: int | Sequence[int], correction: int = 0,
     (``correction=1`` for the unbiased variance); half precision returns float32."""
     dims = (dims,) if isinstance(dims, int) else tuple(dims)
     dims = tuple(sorted(_normalize_axis(d, x.dim()) for d in dims))
-    mean, var = reference.moments(x, dims)
+    kept = [d for d in range(x.dim()) if d not in dims]
     count = math.prod(x.shape[d] for d in dims)
+    rows = x.permute(*kept, *dims).reshape(-1, 1, count)
+    mean, var = reference.channel_stats(rows, 1)
+    stat_shape = [1 if d in dims else size for d, size in enumerate(x.shape)]
+    mean, var = mean.view(stat_shape), var.view(stat_shape)
     if correction:
         var = var * (count / max(count - correction, 0)) if count > correction else \
             torch.full_like(var, math.nan)

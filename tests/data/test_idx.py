@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gzip
+import tracemalloc
+import zlib
 
 import numpy as np
 import pytest
@@ -106,6 +108,50 @@ def test_gz_name_without_gzip_content_is_an_error(tmp_path, write_idx):
     write_idx(tmp_path / "labels", np.zeros(3, np.uint8)).rename(path)
     with pytest.raises(DataFileError, match="not gzip data"):
         read_idx(path)
+
+
+def gzip_of_zeros(prefix: bytes, zeros: int) -> bytes:
+    """A gzip stream of ``prefix`` then ``zeros`` zero bytes, compressed chunk by chunk so
+    that the test itself never holds the expanded data."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)  # gzip container
+    parts = [compressor.compress(prefix)]
+    chunk = bytes(1 << 20)
+    parts += [compressor.compress(chunk) for _ in range(zeros // len(chunk))]
+    return b"".join([*parts, compressor.flush()])
+
+
+@pytest.mark.parametrize("name", ["labels-idx1-ubyte.gz", "labels-idx1-ubyte"])
+def test_gzip_bomb_after_a_small_header_is_rejected_reading_only_the_declared_bytes(
+        tmp_path, name):
+    # the header declares 16 bytes; 64 MiB of zeros follow inside a 64 KiB gzip stream
+    header = bytes([0, 0, 0x08, 1]) + (16).to_bytes(4, "big")
+    path = tmp_path / name
+    path.write_bytes(gzip_of_zeros(header + bytes(16), 64 << 20))
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataFileError, match="trailing bytes after data") as caught:
+            read_idx(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert caught.value.expected == "16 bytes for shape (16,)"
+    assert peak < 4 << 20, f"peak allocation {peak} bytes: the payload was decompressed whole"
+
+
+def test_header_declaring_more_than_the_file_holds_allocates_only_what_is_there(tmp_path):
+    # 4 GiB declared, 1 KiB present
+    path = tmp_path / "images-idx3-ubyte"
+    path.write_bytes(bytes([0, 0, 0x08, 3]) + b"".join(
+        size.to_bytes(4, "big") for size in (1 << 16, 256, 256)) + bytes(1024))
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataFileError, match="truncated data") as caught:
+            read_idx(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert caught.value.actual == "1024 bytes"
+    assert peak < 4 << 20, f"peak allocation {peak} bytes for a 1 KiB payload"
 
 
 def test_data_file_error_is_a_value_error():

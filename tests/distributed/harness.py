@@ -1,4 +1,5 @@
-"""Run a function on several local processes joined by a gloo process group on loopback.
+"""Run a function on several local processes joined by a process group on loopback: gloo,
+or NCCL with rank r on GPU ``r % device_count`` (ranks may share a GPU where NCCL allows it).
 
 Each process writes what it measured to ``<out>/rank<r>.pt`` (or its traceback to
 ``<out>/rank<r>.err``); the parent process does the checking, so a failed comparison
@@ -32,11 +33,14 @@ def free_port() -> int:
 
 
 def _entry(rank: int, world_size: int, port: int, timeout_s: float, out: str,
-           target: Callable[..., Any], args: tuple) -> None:
+           target: Callable[..., Any], args: tuple, backend: str) -> None:
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+        if backend == "nccl":
+            os.environ.setdefault("NCCL_MULTI_RANK_GPU_ENABLE", "1")  # NCCL >= 2.30 reads it
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s))
         result = target(rank, world_size, *args)
@@ -50,13 +54,15 @@ def _entry(rank: int, world_size: int, port: int, timeout_s: float, out: str,
 
 
 def run_processes(target: Callable[..., Any], world_size: int, out: Path, *args: Any,
-                  timeout_s: float = 30.0, bound_s: float = 120.0) -> list[Any]:
-    """``target(rank, world_size, *args)`` on ``world_size`` spawned processes with a gloo
-    group whose collectives time out after ``timeout_s``; its return values by rank."""
+                  timeout_s: float = 30.0, bound_s: float = 120.0,
+                  backend: str = "gloo") -> list[Any]:
+    """``target(rank, world_size, *args)`` on ``world_size`` spawned processes with a
+    ``backend`` group whose collectives time out after ``timeout_s``; its return values by
+    rank."""
     context = mp.get_context("spawn")
     port = free_port()
     processes = [context.Process(target=_entry, args=(rank, world_size, port, timeout_s,
-                                                      str(out), target, args))
+                                                      str(out), target, args, backend))
                  for rank in range(world_size)]
     for process in processes:
         process.start()

@@ -104,3 +104,14 @@ def test_single_process_runs_the_local_layer_without_collectives(
     torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(inputs[0].grad, inputs[1].grad, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(synced.running_var, plain.running_var, rtol=1e-12, atol=1e-12)
+
+
+def test_syncbn_timeout_defaults_well_under_a_minute_and_is_checked() -> None:
+    assert 0 < SyncBatchNorm(3).timeout < 60
+    assert SyncBatchNorm(3, timeout=None).timeout is None
+    for bad in (0, -1.0, "30"):
+        with pytest.raises(ValueError, match=r"timeout must be a positive number of seconds or "
+                                             r"None, got"):
+            SyncBatchNorm(3, timeout=bad)
+    model = convert_sync_batchnorm(nn.Sequential(nn.BatchNorm2d(3)), timeout=5.0)
+    assert model[0].timeout == 5.0

@@ -2,7 +2,9 @@
 concatenated batch (torch.nn's; our local layer for the renorm/activation variants, which
 torch lacks): outputs, input gradients, weight/bias gradients after DDP's all-reduce,
 running statistics over several SGD steps, eval mode afterwards; the collectives per
-step; ghost batches staying per process; the timeout error.
+step; ghost batches staying per process; the timeout error. On CUDA the training cases
+also run across 2 NCCL processes sharing one GPU (skipped with a loud reason without CUDA,
+or with an NCCL that refuses two ranks on one GPU).
 
 Each world size is spawned once per module (spawning is the slow part) and runs every
 case; the checks happen here, in the pytest process. Tolerances: see ``Case.tolerance``
@@ -17,14 +19,19 @@ from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
 from harness import run_processes
 from torch import nn
 from workers import (
     CASES,
     LEARNING_RATE,
+    NCCL_CASES,
     STEPS,
     Case,
     global_batch,
+    mismatch_worker,
+    mode_mismatch_worker,
+    nccl_worker,
     parity_worker,
     set_affine,
     timeout_worker,
@@ -84,7 +91,36 @@ def spawned(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], list[di
                          ids=lambda case: f"{len(case.sizes)}-processes-{case.name}")
 def test_training_steps_match_single_process_batchnorm_on_concatenated_batch(
         case: Case, spawned: Callable[[int], list[dict[str, Any]]]) -> None:
-    ranks = [rank_results[case.name] for rank_results in spawned(len(case.sizes))]
+    check_training(case, [rank_results[case.name] for rank_results in
+                          spawned(len(case.sizes))])
+
+
+def nccl_skip_reason() -> str | None:
+    """Why the NCCL test cannot run here, or None."""
+    if not torch.cuda.is_available():
+        return "NO CUDA DEVICE: the NCCL SyncBatchNorm test needs a GPU"
+    if not dist.is_nccl_available():
+        return "NCCL NOT AVAILABLE in this torch build"
+    version = torch.cuda.nccl.version()
+    if torch.cuda.device_count() < 2 and version < (2, 30):
+        return (f"NCCL {'.'.join(map(str, version))} refuses two ranks on one GPU (its "
+                "NCCL_MULTI_RANK_GPU_ENABLE needs NCCL >= 2.30); two GPUs would do")
+    return None
+
+
+@pytest.mark.skipif(nccl_skip_reason() is not None, reason=str(nccl_skip_reason()))
+def test_nccl_two_processes_match_single_process_batchnorm(tmp_path: Path) -> None:
+    """The same training on CUDA tensors across 2 NCCL processes (sharing the GPU when
+    there is one), against the single-process float64 math on CPU."""
+    ranks = run_processes(nccl_worker, 2, tmp_path, NCCL_CASES, backend="nccl",
+                          timeout_s=120.0, bound_s=600.0)
+    for case in NCCL_CASES:
+        check_training(case, [rank_results[case.name] for rank_results in ranks])
+
+
+def check_training(case: Case, ranks: list[dict[str, Any]]) -> None:
+    """Every rank's steps, running statistics and eval output against
+    :func:`reference_run` on the concatenated batch."""
     reference = reference_run(case)
     for step, expected in enumerate(reference["steps"]):
         for key in ("y", "x_grad"):
@@ -112,6 +148,8 @@ def test_one_collective_in_forward_one_in_backward_none_in_eval(
         world_size: int, spawned: Callable[[int], list[dict[str, Any]]]) -> None:
     for rank, results in enumerate(spawned(world_size)):
         calls = results["collectives"]
+        # the first forward also checks that the processes agree on channels and dtype
+        assert calls["first_forward"] == ["all_gather", "all_gather"], rank
         assert calls["train_forward"] == ["all_gather"], rank
         assert calls["train_backward"] == ["all_reduce"], rank
         assert calls["forward_without_input_grad"] == ["all_gather"], rank
@@ -145,4 +183,29 @@ def test_skipped_layer_on_another_rank_raises_naming_the_layer_within_the_timeou
                            bound_s=60.0)[0]
     assert "SyncBatchNorm 'block.bn'" in result["outcome"], result["outcome"]
     assert "forward all_gather" in result["outcome"]
+    assert timeout_s * 0.9 <= result["elapsed"] <= timeout_s + margin_s, result["elapsed"]
+
+
+def test_ranks_disagreeing_on_channels_or_dtype_raise_on_every_rank_naming_each_shape(
+        tmp_path: Path) -> None:
+    results = run_processes(mismatch_worker, 2, tmp_path, bound_s=60.0)
+    for kind, shapes in (("channels", ("(3, 4, 2, 2) float32", "(4, 5, 2, 2) float32")),
+                         ("dtype", ("(3, 4, 2, 2) float32", "(4, 4, 2, 2) float64"))):
+        for rank, rank_results in enumerate(results):
+            result = rank_results[kind]
+            message = result["outcome"]
+            assert "SyncBatchNorm 'block.bn'" in message, (kind, rank, message)
+            assert f"rank 0: {shapes[0]}" in message and f"rank 1: {shapes[1]}" in message, \
+                (kind, rank, message)
+            assert result["running_var_unchanged"] and result["num_batches_tracked"] == 0
+
+
+def test_rank_in_eval_while_another_trains_fails_after_the_layers_own_timeout(
+        tmp_path: Path) -> None:
+    timeout_s, margin_s = 2.0, 5.0
+    release = torch.multiprocessing.get_context("spawn").Event()
+    result = run_processes(mode_mismatch_worker, 2, tmp_path, release, timeout_s, bound_s=90.0,
+                           timeout_s=60.0)[0]  # the process group would wait 60 s
+    assert "SyncBatchNorm 'bn'" in result["outcome"], result["outcome"]
+    assert "eval mode" in result["outcome"] and f"{timeout_s:g} s" in result["outcome"]
     assert timeout_s * 0.9 <= result["elapsed"] <= timeout_s + margin_s, result["elapsed"]

@@ -62,6 +62,12 @@ CASES = {
              options=RENORM)],
 }
 GHOST_SIZES = {2: (6, 4), 3: (4, 0, 6)}  # per rank; ghost batches of 2 samples
+# Two NCCL processes (sharing one GPU when there is only one).
+NCCL_CASES = [Case("NCHW-uneven", (3, 7), (3, 4)),
+              Case("NHWC-channels-last-float32", (4, 3, 5), (2, 5), torch.float32, True),
+              Case("NCHW-offset-1e6-cumulative-average", (3, 4, 4), (3, 3), offset=1e6,
+                   momentum=None),
+              Case("NCHW-renorm-relu", (3, 4, 4), (5, 2), options=RENORM)]
 
 
 def global_batch(case: Case, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,44 +97,57 @@ def set_affine(layer: nn.Module, case: Case) -> None:
             parameter.copy_(value)
 
 
-def _rank_part(case: Case, tensor: torch.Tensor, rank: int) -> torch.Tensor:
-    part = tensor.split(case.sizes)[rank].clone()
+def _rank_part(case: Case, tensor: torch.Tensor, rank: int, device: str) -> torch.Tensor:
+    part = tensor.split(case.sizes)[rank].to(device, copy=True)
     return part.contiguous(memory_format=torch.channels_last) if case.channels_last else part
 
 
+def _host(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().to("cpu", copy=True)
+
+
+def train_case(rank: int, world_size: int, case: Case, device: str = "cpu") -> dict[str, Any]:
+    """A DDP-wrapped SyncBatchNorm on ``device`` trained for a few SGD steps on this rank's
+    share of the case's global batches, then an eval forward; the loss is scaled by
+    world_size so that DDP's averaged gradient is the gradient of the single-process loss
+    on the concatenated batch. Tensors come back on the CPU."""
+    layer = SyncBatchNorm(case.sample_shape[0], momentum=case.momentum, dtype=case.dtype,
+                          device=device, **case.options)
+    set_affine(layer, case)
+    model = DistributedDataParallel(layer)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
+    steps = []
+    for step in range(STEPS):
+        x, t = (_rank_part(case, tensor, rank, device) for tensor in global_batch(case, step))
+        x.requires_grad_()
+        y = model(x)
+        (world_size * (y * t).sum()).backward()
+        steps.append({"y": _host(y), "x_grad": _host(x.grad) / world_size,
+                      "weight_grad": _host(layer.weight.grad),
+                      "bias_grad": _host(layer.bias.grad),
+                      "channels_last": y.is_contiguous(memory_format=torch.channels_last)})
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        eval_y = model(_rank_part(case, global_batch(case, STEPS)[0], rank, device))
+    return {"steps": steps, "eval_y": _host(eval_y), "running_mean": _host(layer.running_mean),
+            "running_var": _host(layer.running_var),
+            "num_batches_tracked": int(layer.num_batches_tracked)}
+
+
 def parity_worker(rank: int, world_size: int, cases: list[Case]) -> dict[str, Any]:
-    """Single-step checks, then for each case a DDP-wrapped SyncBatchNorm trained for a
-    few SGD steps on this rank's share of the case's global batches; the loss is scaled
-    by world_size so that DDP's averaged gradient is the gradient of the single-process
-    loss on the concatenated batch."""
+    """Single-step checks, then :func:`train_case` for each case (gloo, CPU)."""
     results = {"collectives": count_collectives(rank),
                "ghost": ghost_step(rank, GHOST_SIZES[world_size])}
     for case in cases:
-        layer = SyncBatchNorm(case.sample_shape[0], momentum=case.momentum, dtype=case.dtype,
-                              **case.options)
-        set_affine(layer, case)
-        model = DistributedDataParallel(layer)
-        optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
-        steps = []
-        for step in range(STEPS):
-            x, t = (_rank_part(case, tensor, rank) for tensor in global_batch(case, step))
-            x.requires_grad_()
-            y = model(x)
-            (world_size * (y * t).sum()).backward()
-            steps.append({"y": y.detach(), "x_grad": x.grad / world_size,
-                          "weight_grad": layer.weight.grad.clone(),
-                          "bias_grad": layer.bias.grad.clone(),
-                          "channels_last": y.is_contiguous(memory_format=torch.channels_last)})
-            optimizer.step()
-            optimizer.zero_grad()
-        model.eval()
-        with torch.no_grad():
-            eval_y = model(_rank_part(case, global_batch(case, STEPS)[0], rank))
-        results[case.name] = {"steps": steps, "eval_y": eval_y,
-                              "running_mean": layer.running_mean.clone(),
-                              "running_var": layer.running_var.clone(),
-                              "num_batches_tracked": int(layer.num_batches_tracked)}
+        results[case.name] = train_case(rank, world_size, case)
     return results
+
+
+def nccl_worker(rank: int, world_size: int, cases: list[Case]) -> dict[str, Any]:
+    """:func:`train_case` for each case on this rank's GPU (NCCL)."""
+    return {case.name: train_case(rank, world_size, case, "cuda") for case in cases}
 
 
 def count_collectives(rank: int) -> dict[str, Any]:
@@ -137,6 +156,8 @@ def count_collectives(rank: int) -> dict[str, Any]:
     calls: dict[str, Any] = {}
     with CollectiveCounter() as counter:
         x = torch.randn(3 + rank, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+        layer(x.detach())
+        calls["first_forward"] = counter.take()
         y = layer(x)
         calls["train_forward"] = counter.take()
         y.sum().backward()
@@ -187,4 +208,46 @@ def timeout_worker(rank: int, world_size: int, release: Any) -> dict[str, Any]:
         outcome = str(error)
     elapsed = time.monotonic() - start
     release.set()
+    return {"outcome": outcome, "elapsed": elapsed}
+
+
+def mismatch_worker(rank: int, world_size: int) -> dict[str, Any]:
+    """Rank 1 builds its layer with more channels, then (a fresh layer) feeds float64 where
+    rank 0 feeds float32; each rank reports its error and whether its state stayed."""
+    results = {}
+    for kind in ("channels", "dtype"):
+        channels = 4 + rank if kind == "channels" else 4
+        dtype = torch.float64 if kind == "dtype" and rank == 1 else torch.float32
+        model = convert_sync_batchnorm(nn.Sequential(OrderedDict(block=nn.Sequential(
+            OrderedDict(bn=nn.BatchNorm2d(channels, dtype=dtype))))))
+        layer = model.block.bn
+        before = layer.running_var.clone()
+        try:
+            model(torch.randn(3 + rank, channels, 2, 2, dtype=dtype))
+            outcome = "completed"
+        except ValueError as error:
+            outcome = str(error)
+        results[kind] = {"outcome": outcome,
+                         "running_var_unchanged": torch.equal(layer.running_var, before),
+                         "num_batches_tracked": int(layer.num_batches_tracked)}
+    return results
+
+
+def mode_mismatch_worker(rank: int, world_size: int, release: Any, timeout: float
+                         ) -> dict[str, Any]:
+    """Rank 1 runs the model in eval mode, rank 0 trains: rank 0 must fail after the
+    layer's own ``timeout``, well before the process group's."""
+    model = convert_sync_batchnorm(nn.Sequential(OrderedDict(bn=nn.BatchNorm2d(3))),
+                                   timeout=timeout)
+    start = time.monotonic()
+    try:
+        model.train(rank == 0)(torch.randn(4, 3, 2, 2))
+        outcome = "completed"
+    except RuntimeError as error:
+        outcome = str(error)
+    elapsed = time.monotonic() - start
+    if rank == 1:
+        release.wait(60)  # stay alive (a dead peer fails fast; this tests the timeout)
+    else:
+        release.set()
     return {"outcome": outcome, "elapsed": elapsed}

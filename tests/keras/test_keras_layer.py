@@ -24,7 +24,7 @@ def _reference_normalize(x: torch.Tensor, dims: tuple[int, ...], eps: float) -> 
 # -- building and the training flag ----------------------------------------------------------
 def test_weights_are_created_on_first_call_with_the_inputs_dtype_and_shape_c():
     layer = BatchNormalization(renorm=True)
-    assert not layer.built and layer.gamma is None and list(layer.parameters()) == []
+    assert not layer.built and layer.has_uninitialized_params()
     layer(_randn(4, 3, 5), training=True)
     assert layer.built
     for name in layer.weight_names:
@@ -42,6 +42,22 @@ def test_build_creates_the_weights_before_any_call_for_the_optimizer():
     before = layer.gamma.detach().clone()
     optimizer.step()
     assert not torch.equal(layer.gamma.detach(), before)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"renorm": True}, {"trainable": False}])
+def test_optimizer_created_before_the_first_call_holds_and_trains_gamma_and_beta(kwargs):
+    """torch's usual order: model, optimizer, then the first batch."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), BatchNormalization(**kwargs))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    layer = model[1]
+    x = _randn(8, 3, dtype=torch.float32)
+    (model(x) * _randn(8, 4, seed=1, dtype=torch.float32)).sum().backward()
+    gamma, beta = layer.gamma.detach().clone(), layer.beta.detach().clone()
+    optimizer.step()
+    trained = not torch.equal(layer.gamma, gamma) and not torch.equal(layer.beta, beta)
+    assert trained == layer.trainable
+    assert {id(p) for p in layer.parameters()} <= \
+        {id(p) for group in optimizer.param_groups for p in group["params"]}
 
 
 def test_half_precision_input_gets_float32_weights_and_half_output():
@@ -158,6 +174,21 @@ def test_state_dict_round_trips_into_a_built_layer():
     target.load_state_dict(source.state_dict())
     for name in source.weight_names:
         assert torch.equal(getattr(source, name), getattr(target, name)), name
+
+
+def test_state_dict_loads_into_an_unbuilt_layer_and_must_match_the_input_channels():
+    # float32: torch's lazy load materializes in the default dtype, as LazyBatchNorm does
+    source = BatchNormalization(renorm=True)
+    source(_randn(6, 4, dtype=torch.float32), training=True)
+    target = BatchNormalization(renorm=True)
+    target.load_state_dict(source.state_dict())
+    x = _randn(5, 4, seed=2, dtype=torch.float32)
+    torch.testing.assert_close(target.eval()(x), source.eval()(x), rtol=0, atol=0)
+    other = BatchNormalization(renorm=True)
+    other.load_state_dict(source.state_dict())
+    with pytest.raises(ValueError, match=r"gamma was loaded with shape \[4\], but an input "
+                                         r"of shape \[5, 3\] has 3 channels on axis -1"):
+        other(_randn(5, 3, dtype=torch.float32))
 
 
 def test_regularizers_add_their_penalty_to_losses_with_gradient():

@@ -3,6 +3,9 @@ the generic BatchNorm(axis) normalizes any axis without a transpose."""
 
 from __future__ import annotations
 
+import copy
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -99,3 +102,191 @@ def test_batch_norm_on_a_middle_axis_matches_moving_that_axis_to_dim_1():
     expected = reference(x.movedim(2, 1)).movedim(1, 2)
     torch.testing.assert_close(ours(x), expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ours.running_var, reference.running_var, rtol=1e-12, atol=0)
+
+
+# -- fused activations on revert -------------------------------------------------------------
+ACTIVATIONS = [({"activation": "relu"}, nn.ReLU), ({"activation": "silu"}, nn.SiLU),
+               ({"activation": "leaky_relu", "activation_param": 0.2}, nn.LeakyReLU),
+               ({"activation": "elu", "activation_param": 0.5}, nn.ELU)]
+
+
+def _with_statistics(layer: nn.Module, shape: tuple[int, ...]) -> nn.Module:
+    """Non-trivial running statistics and affine, so a dropped activation or a wrong
+    parameter shows in the eval output."""
+    torch.manual_seed(0)
+    layer.train()
+    with torch.no_grad():
+        for _ in range(3):
+            layer(torch.randn(shape, dtype=torch.float64) * 2 + 0.5)
+        for module in layer.modules():
+            if getattr(module, "weight", None) is not None:
+                module.weight.uniform_(0.5, 2.0)
+                module.bias.normal_()
+    return layer
+
+
+@pytest.mark.parametrize(("options", "torch_activation"), ACTIVATIONS,
+                         ids=[options["activation"] for options, _ in ACTIVATIONS])
+def test_revert_keeps_a_fused_activation_as_a_module_after_the_torch_layer(
+        options, torch_activation):
+    layer = _with_statistics(batchnorm.BatchNorm2d(4, dtype=torch.float64, **options),
+                             (8, 4, 3, 3))
+    x = torch.randn(5, 4, 3, 3, dtype=torch.float64)
+    expected = {training: copy.deepcopy(layer).train(training)(x) for training in (False, True)}
+    weight = layer.weight
+    reverted = batchnorm.revert(layer.eval())
+    assert isinstance(reverted, nn.Sequential) and type(reverted[0]) is nn.BatchNorm2d
+    assert type(reverted[1]) is torch_activation
+    if "activation_param" in options:
+        assert options["activation_param"] in (getattr(reverted[1], "negative_slope", None),
+                                               getattr(reverted[1], "alpha", None))
+    assert reverted[0].weight is weight and not reverted.training
+    # converting the reverted model back must not apply the activation twice
+    reconverted = batchnorm.convert(copy.deepcopy(reverted))
+    for model in (reverted, reconverted):
+        for training in (False, True):
+            torch.testing.assert_close(copy.deepcopy(model).train(training)(x),
+                                       expected[training], rtol=1e-12, atol=1e-12)
+
+
+def test_reverted_model_keeps_its_activation_through_torch_conv_bn_fusion():
+    """torch's fusion (fuse_conv_bn_eval, fx's fuse) only knows torch's BatchNorm: after
+    revert the activation is a module of its own, which the fusion leaves in place."""
+    from torch.fx.experimental.optimization import fuse
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), batchnorm.BatchNorm2d(4, activation="relu"),
+                          nn.Conv2d(4, 2, 1)).double()
+    model = _with_statistics(model, (8, 3, 6, 6)).eval()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    expected = model(x)
+    fused = fuse(batchnorm.revert(model))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    torch.testing.assert_close(fused(x), expected, rtol=1e-10, atol=1e-10)
+
+
+# -- norm subclasses from the ecosystem ------------------------------------------------------
+def _assert_same_layer_behaviour(original: nn.Module, converted: nn.Module,
+                                 shape: tuple[int, ...]) -> None:
+    """Training outputs, input gradients and updated buffers, then eval outputs, on copies."""
+    original, converted = copy.deepcopy(original), copy.deepcopy(converted)
+    for training in (True, False):
+        x = torch.randn(shape, dtype=torch.float64) * 3 + 1
+        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y_original, y_converted = original.train(training)(a), converted.train(training)(b)
+        torch.testing.assert_close(y_converted, y_original, rtol=1e-10, atol=1e-10)
+        grad = torch.randn_like(y_original)
+        y_original.backward(grad)
+        y_converted.backward(grad)
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-10, atol=1e-10)
+        for key, value in original.state_dict().items():
+            torch.testing.assert_close(converted.state_dict()[key], value, rtol=1e-12, atol=0)
+
+
+NORM_ACT = [({}, {"activation": "relu"}),
+            ({"act_layer": nn.SiLU}, {"activation": "silu"}),
+            ({"act_layer": nn.LeakyReLU, "act_kwargs": {"negative_slope": 0.2}},
+             {"activation": "leaky_relu", "activation_param": 0.2}),
+            ({"act_layer": nn.ELU, "act_kwargs": {"alpha": 0.5}},
+             {"activation": "elu", "activation_param": 0.5}),
+            ({"apply_act": False}, {"activation": None}),
+            ({"act_layer": nn.ReLU, "act_kwargs": {"inplace": True}}, {"activation": "relu"})]
+
+
+@pytest.mark.parametrize(("kwargs", "fused"), NORM_ACT,
+                         ids=["relu", "silu", "leaky_relu", "elu", "no-act", "inplace-relu"])
+def test_convert_maps_a_norm_act_layer_to_our_fused_activation(kwargs, fused):
+    from lookalikes import BatchNormAct2d
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), BatchNormAct2d(4, **kwargs)).double()
+    model = _with_statistics(model, (8, 3, 3, 3))
+    original = model[1]
+    reference = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is left over, so nothing is reported
+        batchnorm.convert(model)
+    layer = model[1]
+    assert type(layer) is batchnorm.BatchNorm2d
+    assert {name: getattr(layer, name) for name in fused} == fused
+    assert layer.weight is original.weight and layer.running_var is original.running_var
+    assert dict(layer.named_children()) == {}  # act/drop are now the fused activation
+    assert layer.state_dict().keys() == original.state_dict().keys()
+    _assert_same_layer_behaviour(reference, model, (6, 3, 3, 3))
+
+
+def test_convert_maps_channels_first_layer_norm_to_our_layer_norm_2d():
+    from lookalikes import LayerNorm2d
+
+    model = nn.Sequential(nn.Conv2d(3, 6, 1), LayerNorm2d(6), nn.GELU(),
+                          LayerNorm2d(6, affine=False)).double()
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 2.0)
+        model[1].bias.normal_()
+    reference = copy.deepcopy(model)
+    weight = model[1].weight
+    batchnorm.convert(model)
+    assert type(model[1]) is batchnorm.LayerNorm2d and type(model[3]) is batchnorm.LayerNorm2d
+    assert model[1].weight is weight and model[1].eps == 1e-6 and model[3].weight is None
+    _assert_same_layer_behaviour(reference, model, (2, 3, 4, 5))
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(model(x), reference(x), rtol=1e-10, atol=1e-10)
+
+
+def test_convert_then_revert_restores_the_ecosystem_classes_and_their_modules():
+    from lookalikes import BatchNormAct2d, LayerNorm2d
+
+    model = nn.Sequential(BatchNormAct2d(4, act_layer=nn.SiLU), LayerNorm2d(4))
+    act = model[0].act
+    batchnorm.revert(batchnorm.convert(model))
+    assert type(model[0]) is BatchNormAct2d and model[0].act is act
+    assert type(model[1]) is LayerNorm2d
+    assert not hasattr(model[0], "activation") or model[0].activation is None
+
+
+def _left_over(model: nn.Module) -> str:
+    with pytest.warns(UserWarning, match="convert: left") as caught:
+        batchnorm.convert(model)
+    return "\n".join(str(warning.message) for warning in caught)
+
+
+def test_norm_act_layer_without_a_fused_equivalent_is_left_and_reported():
+    from lookalikes import BatchNormAct2d
+
+    model = nn.Sequential(BatchNormAct2d(4, act_layer=nn.GELU),
+                          BatchNormAct2d(4, drop_layer=lambda: nn.Dropout(0.1)),
+                          nn.BatchNorm2d(4))
+    message = _left_over(model)
+    assert type(model[0]) is BatchNormAct2d and type(model[1]) is BatchNormAct2d
+    assert type(model[2]) is batchnorm.BatchNorm2d
+    assert "'0' (BatchNormAct2d)" in message and "GELU" in message
+    assert "'1' (BatchNormAct2d)" in message and "Dropout" in message
+
+
+def test_lookalikes_whose_forward_differs_on_a_probe_are_left_and_reported():
+    class LayerNorm2d(nn.LayerNorm):  # the name, but channels-last: normalizes the last dim
+        def forward(self, x):
+            return super().forward(x)
+
+    class BatchNormAct2d(nn.BatchNorm2d):  # the name and attributes, but act is never called
+        def __init__(self, num_features: int) -> None:
+            super().__init__(num_features)
+            self.act, self.drop = nn.ReLU(), nn.Identity()
+
+    model = nn.Sequential(LayerNorm2d(5), BatchNormAct2d(5))
+    message = _left_over(model)
+    assert type(model[0]) is LayerNorm2d and type(model[1]) is BatchNormAct2d
+    assert "'0' (LayerNorm2d)" in message and "'1' (BatchNormAct2d)" in message
+    assert message.count("probe") == 2
+
+
+def test_unknown_norm_subclasses_are_left_and_reported():
+    class ScaledBatchNorm(nn.BatchNorm2d):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = nn.Sequential(nn.Sequential(ScaledBatchNorm(3)), nn.SyncBatchNorm(3),
+                          nn.GroupNorm(1, 3))
+    message = _left_over(model)
+    assert type(model[0][0]) is ScaledBatchNorm and type(model[1]) is nn.SyncBatchNorm
+    assert type(model[2]) is batchnorm.GroupNorm
+    assert "'0.0' (ScaledBatchNorm)" in message
+    assert "'1' (SyncBatchNorm)" in message and "convert_sync_batchnorm" in message

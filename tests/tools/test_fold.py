@@ -235,3 +235,44 @@ def test_fold_asks_for_a_forward_pass_before_folding_a_lazy_model():
         fold(model)
     model(torch.randn(2, 3, 5, 5))
     assert_folds_exactly(model.eval(), torch.randn(2, 3, 5, 5), F32)
+
+
+def test_norm_act_subclass_folds_and_keeps_its_activation_after_the_conv():
+    from lookalikes import BatchNormAct2d
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), BatchNormAct2d(4, act_layer=nn.SiLU),
+                          nn.Conv2d(4, 4, 1), BatchNormAct2d(4, act_layer=nn.LeakyReLU,
+                                                             act_kwargs={"negative_slope": 0.2}))
+    model = trained_stats(model, (8, 3, 6, 6), dtype=torch.float64)
+    folded = assert_folds_exactly(model, torch.randn(3, 3, 6, 6, dtype=torch.float64), F64)
+    assert count(folded, _BatchNorm) == 0
+    assert count(folded, nn.SiLU) == 1 and count(folded, nn.LeakyReLU) == 1
+
+
+def test_batchnorm_subclasses_with_an_unknown_forward_are_left_and_reported():
+    from lookalikes import BatchNormAct2d
+
+    class ScaledBatchNorm(nn.BatchNorm2d):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), ScaledBatchNorm(4), nn.Conv2d(4, 4, 1),
+                          BatchNormAct2d(4, act_layer=nn.GELU), nn.Conv2d(4, 4, 1),
+                          nn.BatchNorm2d(4))
+    model = trained_stats(model, (8, 3, 6, 6), dtype=torch.float64)
+    with pytest.warns(UserWarning, match="fold: left 2 BatchNorm") as caught:
+        folded = assert_folds_exactly(model, torch.randn(3, 3, 6, 6, dtype=torch.float64), F64)
+    message = str(caught[0].message)
+    assert "'1' (ScaledBatchNorm)" in message and "'3' (BatchNormAct2d)" in message
+    assert "GELU" in message
+    assert count(folded, ScaledBatchNorm) == 1 and count(folded, BatchNormAct2d) == 1
+    assert count(folded, nn.BatchNorm2d) == 2  # the plain one folded
+    assert torch.equal(folded.get_submodule("0").weight, model[0].weight)  # not folded into
+
+
+def test_synchronized_batchnorms_fold_like_plain_ones():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), batchnorm.SyncBatchNorm(4, activation="relu"),
+                          nn.Conv2d(4, 4, 1), nn.SyncBatchNorm(4))
+    model = trained_stats(model, (8, 3, 6, 6), dtype=torch.float64)
+    folded = assert_folds_exactly(model, torch.randn(3, 3, 6, 6, dtype=torch.float64), F64)
+    assert count(folded, _BatchNorm) == 0 and count(folded, nn.ReLU) == 1

@@ -1,25 +1,41 @@
-"""``batchnorm bench``: the fixed suite, ours vs torch eager vs torch.compile vs roofline.
+"""``batchnorm bench``: single layers (ours vs torch eager vs torch.compile vs roofline),
+end-to-end training steps of real architectures (torch.nn vs batchnorm.convert, eager
+and compiled, NCHW and channels_last), an MNIST epoch, fold and SyncBatchNorm rows.
 
 Writes ``results.json`` (diffable between commits) and ``results.md`` to ``--out`` and
-prints the markdown. Ours is ``batchnorm.functional`` (so the default dispatch is what is
-measured); the roofline is the case's minimal traffic over this run's copy bandwidth.
+prints the markdown. Every ratio comes from interleaved rounds and carries the spread of
+its per-round values; a row whose rounds disagree by more than ``--margin`` is marked
+instead of reported as a measurement. torch.compile is finished before timing starts.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-import numba
 import torch
 
-from batchnorm.bench import cnn, fold, measure, syncbn
+from batchnorm import kernels
+from batchnorm.bench import cnn, fold, measure, report, syncbn, training
 from batchnorm.bench.cases import SUITE, TINY, Case
+
+SECTIONS = ("layers", "models", "epoch", "fold", "syncbn")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How every section is timed (from the command line)."""
+
+    rounds: dict[str, int]
+    warmup: int
+    min_round_s: dict[str, float]
+    limits: measure.Limits
 
 
 def machine() -> dict[str, object]:
@@ -30,10 +46,10 @@ def machine() -> dict[str, object]:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
+    primitives = kernels.primitives(torch.zeros(1))
     return {"cpu": model, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "numba_threads": numba.get_num_threads(), "torch": torch.__version__,
-            "numba": numba.__version__, "python": platform.python_version(),
-            "backend": os.environ.get("BATCHNORM_BACKEND", "default dispatch")}
+            "torch": torch.__version__, "cpu_kernels": primitives.__name__.rsplit(".", 1)[-1],
+            "python": platform.python_version()}
 
 
 def allocation_note(keep_freed_memory: bool) -> str:
@@ -46,176 +62,196 @@ def allocation_note(keep_freed_memory: bool) -> str:
     return note + "".join(f", {setting}" for setting in settings)
 
 
-def run_case(case: Case, bandwidth: float, rounds: int, warmup: int,
-             compile_budget_s: float) -> dict[str, object]:
-    inputs = case.inputs(torch.Generator().manual_seed(0))
-    steps = {"ours": measure.step(case, case.ours, inputs),
-             "baseline": measure.step(case, case.theirs, inputs)}
-    compiled, compile_note = (None, "n/a (--no-compile)")
-    if compile_budget_s is not None:
-        compiled, compile_note = measure.compiled_step(case, inputs, compile_budget_s)
-    if compiled is not None:
-        steps["compile"] = compiled
-    medians = measure.interleaved_medians(steps, rounds, warmup)
-    roofline = case.passes * inputs[0].numel() * inputs[0].element_size() / bandwidth
-    ours = medians["ours"]
-    return {"family": case.family, "case": case.name, "shape": list(case.shape),
-            "mode": case.mode, "baseline": case.baseline,
-            "ours_ms": 1e3 * ours, "baseline_ms": 1e3 * medians["baseline"],
-            "compile_ms": 1e3 * medians["compile"] if "compile" in medians else None,
-            "compile_note": compile_note, "roofline_ms": 1e3 * roofline,
-            "speedup": medians["baseline"] / ours,
-            "speedup_vs_compile": medians["compile"] / ours if "compile" in medians else None,
-            "ours_over_roofline": ours / roofline}
+def run_case(case: Case, bandwidth: float, settings: Settings,
+             compiler: measure.Compiler) -> dict[str, object]:
+    """One single-layer row: ours, the baseline and (compile enabled) torch.compile of the
+    torch layer, on ``case.threads`` threads."""
+    with measure.num_threads(case.threads):
+        steps = {"ours": case.step(case.build(case.ours)),
+                 "baseline": case.step(case.build(case.theirs))}
+        compiled, notes = compiler.warm_up({"compile": lambda: case.step(
+            compiler.compile(case.build(case.compiled or case.theirs)))})
+        steps.update(compiled)
+        timed = measure.interleaved_rounds(steps, settings.rounds["layers"], settings.warmup,
+                                           settings.min_round_s["layers"])
+        threads = torch.get_num_threads()
+    roofline_ms = 1e3 * case.passes * torch.Size(case.shape).numel() * 4 / bandwidth
+    return {"group": case.group, "case": case.name, "shape": list(case.shape),
+            "mode": case.mode, "layout": case.layout, "threads": threads,
+            "baseline": case.baseline, "load_1min": timed.load_1min,
+            "cpu_wait": timed.cpu_wait,
+            "ours_ms": timed.ms("ours"), "baseline_ms": timed.ms("baseline"),
+            "compile_ms": timed.ms("compile"), "compile_note": notes["compile"],
+            "speedup": timed.compare("baseline", "ours", settings.limits),
+            "vs_compile": timed.compare("compile", "ours", settings.limits),
+            "graphs_compiled_while_timing": timed.graphs_compiled,
+            "roofline_passes": case.passes, "roofline_ms": roofline_ms,
+            "ours_over_roofline": timed.ms("ours") / roofline_ms,
+            "rounds_ms": timed.rounds_ms()}
 
 
-def geometric_mean(values: list[float]) -> float | None:
-    return math.exp(sum(map(math.log, values)) / len(values)) if values else None
+def run_layers(cases: list[Case], bandwidth: float, settings: Settings,
+               compiler: measure.Compiler) -> list[dict[str, object]]:
+    rows = []
+    for case in cases:
+        rows.append(run_case(case, bandwidth, settings, compiler))
+        print(f"{case.label}: ours {rows[-1]['ours_ms']:.3f} ms, {case.baseline} "
+              f"{rows[-1]['baseline_ms']:.3f} ms", flush=True)
+    return rows
 
 
-def summarize(rows: list[dict[str, object]]) -> dict[str, object]:
-    def speedups(*families: str) -> list[float]:
-        return [row["speedup"] for row in rows if row["family"] in families]
-    batch_norm = speedups("batch_norm")
-    return {"batch_norm_geomean_speedup": geometric_mean(batch_norm),
-            "batch_norm_min_speedup": min(batch_norm, default=None),
-            "ln_gn_in_geomean_speedup": geometric_mean(
-                speedups("layer_norm", "group_norm", "instance_norm")),
-            "fused_relu_speedup": geometric_mean(speedups("fused"))}
+def run_models(cases: list[training.ModelCase], settings: Settings,
+               compiler: measure.Compiler) -> list[dict[str, object]]:
+    rows = []
+    for case in cases:
+        for layout in case.layouts:
+            for row in training.run(case, layout, compiler, settings.rounds["models"],
+                                    settings.warmup, settings.min_round_s["models"],
+                                    settings.limits):
+                rows.append(row)
+                print(f"{case.name} {layout} {row['mode']}: torch.nn "
+                      f"{report.ms(row['torch_ms'])} ms, converted "
+                      f"{report.ms(row['ours_ms'])} ms", flush=True)
+    return rows
 
 
-def _ms(value: float | None) -> str:
-    if value is None:
-        return "n/a"
-    return f"{value:.2f}" if value >= 1 else f"{value:.3f}"
-
-
-def _ratio(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}x"
-
-
-def markdown(report: dict[str, object]) -> str:
-    info = report["machine"]
-    lines = [f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} "
-             f"({info['torch_threads']} threads), numba {info['numba']} "
-             f"({info['numba_threads']} threads), Python {info['python']}; "
-             f"backend: {info['backend']}.",
-             f"Copy bandwidth (read + write): {report['copy_bandwidth_gbs']:.1f} GB/s; "
-             f"load average before / after: {report['load_before']} / {report['load_after']}; "
-             f"{report['rounds']} interleaved rounds, median ms; {report['allocator']}.", "",
-             "| case | shape | mode | ours ms | baseline | baseline ms | speedup | "
-             "torch.compile ms | vs compile | roofline ms | ours / roofline |",
-             "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
-    for row in report["rows"]:
-        shape = "x".join(map(str, row["shape"]))
-        compiled = _ms(row["compile_ms"]) if row["compile_ms"] is not None else row[
-            "compile_note"]
-        lines.append(f"| {row['case']} | {shape} | {row['mode']} | {_ms(row['ours_ms'])} | "
-                     f"{row['baseline']} | {_ms(row['baseline_ms'])} | "
-                     f"{_ratio(row['speedup'])} | {compiled} | "
-                     f"{_ratio(row['speedup_vs_compile'])} | {_ms(row['roofline_ms'])} | "
-                     f"{_ratio(row['ours_over_roofline'])} |")
-    summary = report["summary"]
-    lines += ["", f"BatchNorm geometric-mean speedup over torch eager: "
-              f"{_ratio(summary['batch_norm_geomean_speedup'])} "
-              f"(lowest {_ratio(summary['batch_norm_min_speedup'])}); "
-              f"LayerNorm/GroupNorm/InstanceNorm: "
-              f"{_ratio(summary['ln_gn_in_geomean_speedup'])}; "
-              f"fused BN+ReLU vs BN then relu: {_ratio(summary['fused_relu_speedup'])}."]
-    e2e = report["end_to_end"]
-    if "ours_s" in e2e:
-        lines.append(f"End to end, one epoch of a two conv+BN+ReLU block CNN on the 10,000 "
-                     f"MNIST test images (batch {cnn.BATCH_SIZE}): ours {e2e['ours_s']:.2f} s, "
-                     f"torch.nn {e2e['torch_s']:.2f} s "
-                     f"({e2e['torch_s'] / e2e['ours_s']:.2f}x).")
-    else:
-        lines.append(f"End to end: {e2e['note']}")
-    folding = report["fold"]
-    lines.append(f"batchnorm.fold, eval forward of a {folding['model']} on "
-                 f"{'x'.join(map(str, folding['input_shape']))}: torch.nn BN "
-                 f"{_ms(folding['torch_bn_ms'])} ms, ours {_ms(folding['ours_bn_ms'])} ms, "
-                 f"folded {_ms(folding['folded_ms'])} ms "
-                 f"({_ratio(folding['speedup_vs_torch_bn'])} vs torch.nn BN; max abs "
-                 f"difference {folding['max_abs_diff']:.1e}).")
-    sync = report["syncbn"]
-    if "ratio" in sync:
-        lines.append(f"SyncBatchNorm on {sync['processes']} processes (gloo, "
-                     f"{'x'.join(map(str, sync['shape']))} per process, train step): "
-                     f"{_ms(sync['syncbn_ms'])} ms vs local BatchNorm2d "
-                     f"{_ms(sync['local_ms'])} ms ({sync['ratio']:.2f}x); collectives per "
-                     f"step: {sync['collectives_forward']} forward, "
-                     f"{sync['collectives_backward']} backward.")
-    else:
-        lines.append(f"SyncBatchNorm: {sync['note']}")
-    return "\n".join(lines) + "\n"
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="batchnorm bench", description=__doc__)
+def parse_args_and_rest(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """The CPU suite's arguments, and what is left for the CUDA suite."""
+    parser = argparse.ArgumentParser(prog="batchnorm bench", description=__doc__.split(
+        "\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("bench-results"),
                         help="directory for results.json and results.md")
-    parser.add_argument("--quick", action="store_true", help="few repeats (smoke test)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: the GPU suite of batchnorm.bench.cuda (its own flags "
+                        "follow; see `batchnorm bench --device cuda --help`)")
+    parser.add_argument("--quick", action="store_true",
+                        help="3 rounds of short calls (smoke test)")
     parser.add_argument("--tiny", action="store_true",
-                        help="tiny shapes of the same structure instead of the suite")
-    parser.add_argument("--filter", default="", help="only cases whose name or shape "
-                        "contains this substring")
+                        help="tiny shapes and narrowed models of the same structure; no "
+                        "MNIST epoch, no SyncBatchNorm")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
+    parser.add_argument("--filter", default="", help="only single-layer cases whose name or "
+                        "shape, and models whose name, contain this substring")
+    parser.add_argument("--rounds", type=int, help="timed rounds per row (at least 3; "
+                        "default 15 for single layers and 7 for models, 3 with --quick)")
+    parser.add_argument("--margin", type=float, default=measure.DEFAULT_MARGIN,
+                        help="largest spread of the per-round ratios (interquartile range "
+                        "over median) still reported as a measurement (default %(default)s)")
+    parser.add_argument("--max-cpu-wait", type=float, default=measure.DEFAULT_MAX_CPU_WAIT,
+                        help="largest share of the timed threads' time spent waiting for a "
+                        "CPU still reported as a measurement (default %(default)s)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
-    parser.add_argument("--compile-budget", type=float, default=240.0,
-                        help="seconds of torch.compile allowed over the whole run")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend (default %(default)s)")
+    parser.add_argument("--compile-budget", type=float, default=300.0,
+                        help="seconds of torch.compile allowed per section (single layers, "
+                        "models; default %(default)s)")
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="keep freed memory mapped (glibc mallopt) to take page faults "
                         "on fresh large outputs out of every competitor's time")
-    parser.add_argument("--no-syncbn", action="store_true",
-                        help="skip the SyncBatchNorm row (it starts 2 processes)")
     parser.add_argument("--data", type=Path,
                         default=Path(os.environ.get("BATCHNORM_DATA", "../shared/data")),
-                        help="directory holding mnist/ (end-to-end row; skipped if absent)")
-    return parser.parse_args(argv)
+                        help="directory holding mnist/ (epoch row; skipped if absent)")
+    args, rest = parser.parse_known_args(argv)
+    sections = [name for name in args.sections.split(",") if name]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown or not sections:
+        parser.error(f"--sections expects a comma-separated subset of {','.join(SECTIONS)}, "
+                     f"got {args.sections!r}")
+    args.sections = sections
+    if args.rounds is not None and args.rounds < 3:
+        parser.error(f"--rounds must be at least 3 (a spread needs rounds), got {args.rounds}")
+    for name in ("margin", "max_cpu_wait"):
+        if not getattr(args, name) > 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, "
+                         f"got {getattr(args, name)}")
+    return args, rest
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    if args.quick:
+        rounds, warmup, min_round_s = {"layers": 3, "models": 3}, 1, {"layers": 0.005,
+                                                                       "models": 0.005}
+    else:
+        rounds, warmup, min_round_s = {"layers": 15, "models": 7}, 2, {"layers": 0.05,
+                                                                        "models": 0.2}
+    if args.rounds is not None:
+        rounds = dict.fromkeys(rounds, args.rounds)
+    return Settings(rounds, warmup, min_round_s, measure.Limits(args.margin, args.max_cpu_wait))
+
+
+def _epoch(args: argparse.Namespace, settings: Settings) -> dict[str, object]:
+    data = cnn.load_mnist_test(args.data)
+    if data is None:
+        return {"note": f"skipped: no MNIST files under {args.data}/mnist"}
+    return cnn.time_epochs(*data, rounds=2 if args.quick else 3, limits=settings.limits)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    rounds, warmup = (3, 1) if args.quick else (15, 2)
-    cases = [case for case in (TINY if args.tiny else SUITE)
-             if args.filter in f"{case.name} {'x'.join(map(str, case.shape))}"]
-    if not cases:
-        raise SystemExit(f"--filter {args.filter!r} matches no case")
+    args, rest = parse_args_and_rest(argv)
+    if args.device == "cuda":
+        from batchnorm.bench import cuda
+        return cuda.main(rest + [f"--out={args.out}"] + ["--quick"] * args.quick)
+    if rest:
+        raise SystemExit(f"batchnorm bench: unrecognized arguments: {' '.join(rest)}")
+    settings = _settings(args)
+    cases = [case for case in (TINY if args.tiny else SUITE) if args.filter in case.label]
+    model_cases = [case for case in (training.TINY_MODELS if args.tiny else training.MODELS)
+                   if args.filter in case.name]
+    if args.filter and not (cases or model_cases):
+        raise SystemExit(f"--filter {args.filter!r} matches no case or model")
     if args.keep_freed_memory:
         measure.keep_freed_memory()
-    info = machine()  # before the fold row, whose timer runs single-threaded
-    load_before = os.getloadavg()[0]
+    info = machine()
+    load_before = measure.load_average()
     start = time.perf_counter()
     bandwidth = measure.copy_bandwidth(16 if args.tiny else 256)
-    rows = []
     budget = None if args.no_compile else args.compile_budget
-    for case in cases:
-        began = time.perf_counter()
-        rows.append(run_case(case, bandwidth, rounds, warmup, budget))
-        if budget is not None and rows[-1]["compile_ms"] is not None:
-            budget -= time.perf_counter() - began
-        print(f"{case.name} {case.shape}: ours {rows[-1]['ours_ms']:.2f} ms, "
-              f"{case.baseline} {rows[-1]['baseline_ms']:.2f} ms", flush=True)
-    end_to_end: dict[str, object] = {"note": "skipped (--tiny)"}
-    data = None if args.tiny else cnn.load_mnist_test(args.data)
-    if data is not None:
-        seconds = cnn.epoch_seconds(*data, rounds=1 if args.quick else 3)
-        end_to_end = {"ours_s": seconds["ours"], "torch_s": seconds["torch"]}
-    elif not args.tiny:
-        end_to_end = {"note": f"skipped: no MNIST files under {args.data}/mnist"}
-    folding = fold.measure(quick=args.quick or args.tiny)
-    sync: dict[str, object] = {"note": "skipped (--tiny or --no-syncbn)"}
-    if not (args.tiny or args.no_syncbn):
-        sync = syncbn.measure(quick=args.quick)
-    report = {"machine": info, "copy_bandwidth_gbs": bandwidth / 1e9,
-              "allocator": allocation_note(args.keep_freed_memory),
-              "rounds": rounds, "load_before": round(load_before, 2),
-              "load_after": round(os.getloadavg()[0], 2), "rows": rows,
-              "summary": summarize(rows), "end_to_end": end_to_end,
-              "fold": folding, "syncbn": sync,
-              "wall_s": time.perf_counter() - start}
+    runners: dict[str, Callable[[], object]] = {
+        "layers": lambda: run_layers(cases, bandwidth, settings,
+                                     measure.Compiler(budget, args.compile_backend)),
+        "models": lambda: run_models(model_cases, settings,
+                                     measure.Compiler(budget, args.compile_backend)),
+        "epoch": lambda: _epoch(args, settings),
+        "fold": lambda: fold.measure(quick=args.quick or args.tiny, limits=settings.limits),
+        "syncbn": lambda: syncbn.measure(quick=args.quick, limits=settings.limits)}
+    results: dict[str, object] = {}
+    section_wall_s: dict[str, float] = {}
+    with measure.compile_in_process():
+        for name, run in runners.items():
+            skipped = "--sections" if name not in args.sections else \
+                "--tiny" if args.tiny and name in ("epoch", "syncbn") else None
+            if skipped:
+                results[name] = [] if name in ("layers", "models") else \
+                    {"note": f"skipped ({skipped})"}
+                continue
+            began = time.perf_counter()
+            results[name] = run()
+            section_wall_s[name] = time.perf_counter() - began
+    info["load_average"] = {"before": load_before, "after": measure.load_average()}
+    layers, models = results["layers"], results["models"]
+    report_data = {
+        "machine": info, "copy_bandwidth_gbs": bandwidth / 1e9,
+        "settings": {"rounds": settings.rounds, "warmup": settings.warmup,
+                     "min_round_ms": {name: 1e3 * value
+                                      for name, value in settings.min_round_s.items()},
+                     "margin": settings.limits.margin,
+                     "max_cpu_wait": settings.limits.max_cpu_wait,
+                     "compile_backend": None if args.no_compile else args.compile_backend,
+                     "compile_budget_s": args.compile_budget,
+                     "allocator": allocation_note(args.keep_freed_memory)},
+        "layers": layers,
+        "layers_summary": report.summarize(layers, lambda row: (row["group"],), ("group",)),
+        "models": models,
+        "models_summary": report.summarize(models, lambda row: (row["mode"], row["layout"]),
+                                           ("mode", "layout")),
+        "mnist_epoch": results["epoch"], "fold": results["fold"],
+        "syncbn": results["syncbn"],
+        "section_wall_s": section_wall_s, "wall_s": time.perf_counter() - start}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
-    text = markdown(report)
+    (args.out / "results.json").write_text(json.dumps(report_data, indent=2) + "\n")
+    text = report.markdown(report_data)
     (args.out / "results.md").write_text(text)
     print(text)
     return 0

@@ -1,124 +1,181 @@
-"""The fixed benchmark suite as data: each case builds its inputs and the three
-competitors (ours = batchnorm.functional, torch eager = torch.nn.functional, and the op
-torch.compile is given), and says how many tensor passes its minimal traffic is."""
+"""The single-layer suite as data. A case names its shape, layout, mode and thread count
+and builds its competitors as modules holding equal parameters and buffers: ours (a
+``batchnorm`` layer), the baseline (the ``torch.nn`` layer, eager) and the module
+``torch.compile`` is given. ``passes`` is the minimal traffic the roofline assumes."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
-import torch.nn.functional as F
+from torch import nn
 
-import batchnorm.functional as bf
+import batchnorm
+from batchnorm.bench.measure import Step
 
-Op = Callable[..., torch.Tensor]
+Factory = Callable[[], nn.Module]
+
+
+def _fill(module: nn.Module) -> nn.Module:
+    """Deterministic non-trivial parameters and running statistics, the same for any two
+    modules that register the same tensors in the same order (ours subclass torch's)."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, tensor in (*module.named_parameters(), *module.named_buffers()):
+            if not tensor.is_floating_point():
+                continue
+            if name.rsplit(".", 1)[-1] in ("weight", "running_var"):
+                tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5)
+            else:
+                tensor.copy_(torch.randn(tensor.shape, generator=generator))
+    return module
 
 
 @dataclass(frozen=True)
 class Case:
-    """One suite entry. ``mode`` is "train" (forward + backward) or "eval" (forward only).
+    """One suite entry. ``mode`` is "train" (forward + backward) or "eval" (forward only);
+    ``threads`` runs the case on that many torch threads (None: the process's count)."""
 
-    ``ours``/``theirs`` take (x, weight, bias, running_mean, running_var); ``passes`` is the
-    minimal traffic in tensor-sized passes: forward read x + write y, backward read dy and
-    x + write dx (5 for training, 2 for an eval forward)."""
-
-    family: str
+    group: str
     name: str
     shape: tuple[int, ...]
-    ours: Op
-    theirs: Op
-    params: int
+    ours: Factory
+    theirs: Factory
     mode: str = "train"
     channels_last: bool = False
+    threads: int | None = None
     baseline: str = "torch eager"
-    compiled: Op | None = None  # what torch.compile gets; None: ``theirs``
+    compiled: Factory | None = None  # what torch.compile gets; None: ``theirs``
 
     @property
     def passes(self) -> int:
+        """Tensor-sized passes of the least traffic: training reads x and writes y forward,
+        reads dy and x and writes dx backward (5); an eval forward reads x, writes y (2)."""
         return 5 if self.mode == "train" else 2
 
-    def inputs(self, generator: torch.Generator) -> list[torch.Tensor]:
-        x = torch.randn(self.shape, generator=generator)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        weight = torch.rand(self.params, generator=generator) + 0.5
-        bias = torch.randn(self.params, generator=generator)
-        return [x, weight, bias, torch.zeros(self.params), torch.ones(self.params)]
+    @property
+    def label(self) -> str:
+        return f"{self.name} {'x'.join(map(str, self.shape))}"
+
+    @property
+    def layout(self) -> str:
+        return "channels_last" if self.channels_last else "contiguous"
+
+    def build(self, factory: Factory) -> nn.Module:
+        return _fill(factory()).train(self.mode == "train")
+
+    def step(self, module: nn.Module) -> Step:
+        """One call as the case runs it: an eval forward without autograd, or a training
+        forward + backward with a fixed output gradient (x and parameter grads reset)."""
+        generator = torch.Generator().manual_seed(0)
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        x = torch.randn(self.shape, generator=generator).contiguous(memory_format=memory_format)
+        if self.mode == "eval":
+            def forward() -> object:
+                with torch.no_grad():
+                    return module(x)
+            return forward
+        grad = torch.randn(self.shape, generator=generator).contiguous(
+            memory_format=memory_format)
+        leaves = [x.requires_grad_(), *module.parameters()]
+
+        def train() -> object:
+            for leaf in leaves:
+                leaf.grad = None
+            module(x).backward(grad)
+            return x.grad
+        return train
 
 
-def _bn(training: bool) -> tuple[Op, Op]:
-    def ours(x, w, b, rm, rv):
-        return bf.batch_norm(x, rm, rv, w, b, training)
-
-    def theirs(x, w, b, rm, rv):
-        return F.batch_norm(x, rm, rv, w, b, training)
-
-    return ours, theirs
+def _batch_norm(group: str, name: str, shape: tuple[int, ...], **options) -> Case:
+    dims = {2: 1, 3: 1, 4: 2, 5: 3}[len(shape)]
+    ours, theirs = getattr(batchnorm, f"BatchNorm{dims}d"), getattr(nn, f"BatchNorm{dims}d")
+    return Case(group, name, shape, partial(ours, shape[1]), partial(theirs, shape[1]),
+                **options)
 
 
-def _batch_norm(name: str, shape: tuple[int, ...], **kwargs) -> Case:
-    ours, theirs = _bn(kwargs.get("mode", "train") == "train")
-    return Case("batch_norm", name, shape, ours, theirs, shape[1], **kwargs)
+def _bn_train(name: str, shape: tuple[int, ...], **options) -> Case:
+    return _batch_norm("BN training", name, shape, **options)
 
 
-def _layer_norm(shape: tuple[int, ...]) -> Case:
-    width = shape[-1]
-    return Case("layer_norm", "LayerNorm", shape,
-                lambda x, w, b, *_: bf.layer_norm(x, (width,), w, b),
-                lambda x, w, b, *_: F.layer_norm(x, (width,), w, b), width)
+def _bn_eval(name: str, shape: tuple[int, ...], **options) -> Case:
+    return _batch_norm("eval forward", name, shape, mode="eval", **options)
 
 
-def _group_norm(shape: tuple[int, ...], groups: int, name: str) -> Case:
-    return Case("group_norm", name, shape,
-                lambda x, w, b, *_: bf.group_norm(x, groups, w, b),
-                lambda x, w, b, *_: F.group_norm(x, groups, w, b), shape[1])
+def _fixed_cost(shape: tuple[int, ...]) -> Case:
+    """A call so small that the per-call overhead around the kernels is all there is."""
+    return _batch_norm("BN training, 1 thread", "BN1d fixed cost (1 thread)", shape,
+                       threads=1)
+
+
+def _layer_norm(shape: tuple[int, ...], mode: str = "train") -> Case:
+    group, name = ("LN/GN/IN training", "LayerNorm") if mode == "train" else \
+        ("eval forward", "LayerNorm eval forward")
+    return Case(group, name, shape, partial(batchnorm.LayerNorm, shape[-1]),
+                partial(nn.LayerNorm, shape[-1]), mode=mode)
+
+
+def _group_norm(shape: tuple[int, ...], groups: int) -> Case:
+    return Case("LN/GN/IN training", f"GroupNorm ({groups} groups)", shape,
+                partial(batchnorm.GroupNorm, groups, shape[1]),
+                partial(nn.GroupNorm, groups, shape[1]))
 
 
 def _instance_norm(shape: tuple[int, ...]) -> Case:
-    return Case("instance_norm", "InstanceNorm2d", shape,
-                lambda x, w, b, *_: bf.instance_norm(x, weight=w, bias=b),
-                lambda x, w, b, *_: F.instance_norm(x, weight=w, bias=b), shape[1])
+    return Case("LN/GN/IN training", "InstanceNorm2d (affine)", shape,
+                partial(batchnorm.InstanceNorm2d, shape[1], affine=True),
+                partial(nn.InstanceNorm2d, shape[1], affine=True))
 
 
 def _fused_relu(shape: tuple[int, ...]) -> Case:
-    """Ours fused vs ours BN followed by torch.relu (the issue's comparison)."""
-    return Case("fused", "BN2d+ReLU fused", shape,
-                lambda x, w, b, rm, rv: bf.batch_norm(x, rm, rv, w, b, True,
-                                                      activation="relu"),
-                lambda x, w, b, rm, rv: torch.relu(bf.batch_norm(x, rm, rv, w, b, True)),
-                shape[1], baseline="ours BN then torch.relu",
-                compiled=lambda x, w, b, rm, rv: torch.relu(F.batch_norm(x, rm, rv, w, b, True)))
+    """Ours with the ReLU fused vs ours BN followed by nn.ReLU (compile: torch's pair)."""
+    channels = shape[1]
+    return Case("fused BN+ReLU", "BN2d+ReLU fused", shape,
+                partial(batchnorm.BatchNorm2d, channels, activation="relu"),
+                lambda: nn.Sequential(batchnorm.BatchNorm2d(channels), nn.ReLU()),
+                baseline="ours BN then ReLU",
+                compiled=lambda: nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU()))
 
 
 SUITE: tuple[Case, ...] = (
-    _batch_norm("BN2d", (64, 256, 28, 28)),
-    _batch_norm("BN2d", (32, 64, 56, 56)),
-    _batch_norm("BN2d", (128, 128, 14, 14)),
-    _batch_norm("BN2d", (8, 32, 112, 112)),
-    _batch_norm("BN2d", (256, 512, 7, 7)),
-    _batch_norm("BN2d channels_last", (32, 64, 56, 56), channels_last=True),
-    _batch_norm("BN2d channels_last", (128, 128, 14, 14), channels_last=True),
-    _batch_norm("BN1d", (4096, 1024)),
-    _batch_norm("BN1d", (256, 1024)),
-    _batch_norm("BN1d", (64, 300)),
-    _batch_norm("BN3d", (4, 32, 16, 28, 28)),
-    _batch_norm("BN2d eval forward", (64, 256, 28, 28), mode="eval"),
+    _bn_train("BN2d", (64, 256, 28, 28)),
+    _bn_train("BN2d", (32, 64, 56, 56)),
+    _bn_train("BN2d", (128, 128, 14, 14)),
+    _bn_train("BN2d", (8, 32, 112, 112)),
+    _bn_train("BN2d", (256, 512, 7, 7)),
+    _bn_train("BN2d channels_last", (32, 64, 56, 56), channels_last=True),
+    _bn_train("BN2d channels_last", (128, 128, 14, 14), channels_last=True),
+    _bn_train("BN1d", (4096, 1024)),
+    _bn_train("BN1d", (512, 2048)),
+    _bn_train("BN1d", (256, 1024)),
+    _bn_train("BN1d", (64, 300)),
+    _bn_train("BN1d (N, C, L)", (16, 128, 64)),
+    _bn_train("BN3d", (4, 32, 16, 28, 28)),
+    _fixed_cost((8, 16)),
     _layer_norm((8192, 768)),
     _layer_norm((2048, 4096)),
-    _group_norm((32, 256, 28, 28), 32, "GroupNorm (32 groups)"),
+    _group_norm((32, 256, 28, 28), 32),
     _instance_norm((16, 64, 64, 64)),
+    _bn_eval("BN2d eval forward", (64, 256, 28, 28)),
+    _bn_eval("BN2d channels_last eval forward", (32, 64, 56, 56), channels_last=True),
+    _bn_eval("BN1d eval forward", (256, 1024)),
+    _layer_norm((8192, 768), mode="eval"),
     _fused_relu((64, 256, 28, 28)),
 )
 
 # Tiny shapes with the same structure, for the smoke test (--quick --tiny).
 TINY: tuple[Case, ...] = (
-    _batch_norm("BN2d", (4, 8, 6, 6)),
-    _batch_norm("BN2d channels_last", (4, 8, 6, 6), channels_last=True),
-    _batch_norm("BN1d", (16, 8)),
-    _batch_norm("BN2d eval forward", (4, 8, 6, 6), mode="eval"),
+    _bn_train("BN2d", (4, 8, 6, 6)),
+    _bn_train("BN2d channels_last", (4, 8, 6, 6), channels_last=True),
+    _bn_train("BN1d", (16, 8)),
+    _bn_train("BN1d (N, C, L)", (4, 8, 5)),
+    _fixed_cost((8, 16)),
     _layer_norm((16, 32)),
-    _group_norm((4, 8, 6, 6), 4, "GroupNorm (4 groups)"),
+    _group_norm((4, 8, 6, 6), 4),
     _instance_norm((4, 8, 6, 6)),
+    _bn_eval("BN2d eval forward", (4, 8, 6, 6)),
+    _layer_norm((16, 32), mode="eval"),
     _fused_relu((4, 8, 6, 6)),
 )

@@ -3,14 +3,15 @@ on the real MNIST test set, with batchnorm.BatchNorm2d vs torch.nn.BatchNorm2d."
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 import batchnorm
+from batchnorm.bench import measure
 from batchnorm.data.idx import IMAGES_MAGIC, LABELS_MAGIC, read_idx
 
 BATCH_SIZE = 128
@@ -34,10 +35,9 @@ def load_mnist_test(root: Path) -> tuple[Tensor, Tensor] | None:
     return (pixels.float() / 255 - 0.1307) / 0.3081, targets
 
 
-def _epoch(model: nn.Module, images: Tensor, labels: Tensor, batches: int | None) -> float:
+def _epoch(model: nn.Module, images: Tensor, labels: Tensor, batches: int | None) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     model.train()
-    start = time.perf_counter()
     for index, first in enumerate(range(0, len(images), BATCH_SIZE)):
         if batches is not None and index == batches:
             break
@@ -46,18 +46,25 @@ def _epoch(model: nn.Module, images: Tensor, labels: Tensor, batches: int | None
                                            labels[first:first + BATCH_SIZE])
         loss.backward()
         optimizer.step()
-    return time.perf_counter() - start
 
 
-def epoch_seconds(images: Tensor, labels: Tensor, rounds: int) -> dict[str, float]:
-    """Median seconds of one epoch per implementation, epochs interleaved, same init."""
+def time_epochs(images: Tensor, labels: Tensor, rounds: int, limits: measure.Limits
+                ) -> dict[str, object]:
+    """Seconds of one epoch (model built from the same seed included) with ours and with
+    torch.nn, epochs interleaved; their ratio (torch over ours) and its spread."""
     norms = {"ours": batchnorm.BatchNorm2d, "torch": nn.BatchNorm2d}
-    times: dict[str, list[float]] = {name: [] for name in norms}
-    for norm in norms.values():
+
+    def epoch(norm: Callable[[int], nn.Module], batches: int | None = None) -> None:
         torch.manual_seed(0)
-        _epoch(small_cnn(norm), images, labels, batches=3)  # warm-up
-    for _ in range(rounds):
-        for name, norm in norms.items():
-            torch.manual_seed(0)
-            times[name].append(_epoch(small_cnn(norm), images, labels, batches=None))
-    return {name: sorted(values)[len(values) // 2] for name, values in times.items()}
+        _epoch(small_cnn(norm), images, labels, batches)
+
+    for norm in norms.values():
+        epoch(norm, batches=3)  # warm-up
+    timed = measure.interleaved_rounds({name: partial(epoch, norm)
+                                        for name, norm in norms.items()},
+                                       rounds, warmup=0, min_round_s=0)
+    return {"batch_size": BATCH_SIZE, "ours_s": timed.ms("ours") / 1e3,
+            "torch_s": timed.ms("torch") / 1e3,
+            "speedup": timed.compare("torch", "ours", limits),
+            "load_1min": timed.load_1min, "cpu_wait": timed.cpu_wait,
+            "rounds_ms": timed.rounds_ms()}

@@ -14,7 +14,6 @@ import argparse
 import datetime
 import json
 import socket
-import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -23,8 +22,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from batchnorm.modules.batchnorm import BatchNorm2d
-from batchnorm.modules.syncbn import SyncBatchNorm
+from batchnorm import BatchNorm2d, SyncBatchNorm
+from batchnorm.bench import measure as timing
 
 SHAPE = (32, 64, 56, 56)
 WORLD_SIZE = 2
@@ -32,17 +31,22 @@ _COLLECTIVES = ("all_gather", "all_gather_into_tensor", "all_gather_single", "al
                 "broadcast", "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "barrier")
 
 
-def _median_step_ms(layers: dict[str, torch.nn.Module], x: torch.Tensor, grad: torch.Tensor,
-                    repeats: int) -> dict[str, float]:
-    """Median forward+backward time per layer; the layers take turns step by step so that
-    drifting machine load hits them alike."""
+def _step_seconds(layers: dict[str, torch.nn.Module], x: torch.Tensor, grad: torch.Tensor,
+                  repeats: int) -> tuple[dict[str, list[float]], float | None]:
+    """Forward+backward seconds per layer and step after two warm-up steps (the layers take
+    turns step by step so that drifting machine load hits them alike), and the CPU wait
+    share over the timed steps."""
+    for _ in range(2):
+        for layer in layers.values():
+            layer(x).backward(grad)
     times: dict[str, list[float]] = {name: [] for name in layers}
-    for _ in range(repeats + 2):  # two warm-up rounds
+    meter = timing.CpuWaitMeter()
+    for _ in range(repeats):
         for name, layer in layers.items():
             start = time.perf_counter()
             layer(x).backward(grad)
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(values[2:]) for name, values in times.items()}
+            times[name].append(time.perf_counter() - start)
+    return times, meter.share()
 
 
 def _count_calls(step: Callable[[], Any]) -> tuple[Any, int]:
@@ -76,19 +80,21 @@ def _worker(rank: int, port: int, repeats: int, results: Any) -> None:
         synced, local = SyncBatchNorm(SHAPE[1]), BatchNorm2d(SHAPE[1])
         y, forward_calls = _count_calls(lambda: synced(x))
         _, backward_calls = _count_calls(lambda: y.backward(grad))
-        step_ms = _median_step_ms({"syncbn": synced, "local": local}, x, grad, repeats)
+        load = timing.load_average()
+        seconds, cpu_wait = _step_seconds({"syncbn": synced, "local": local}, x, grad,
+                                          repeats)
         if rank == 0:
-            results.put({"syncbn_ms": step_ms["syncbn"], "local_ms": step_ms["local"],
-                         "ratio": step_ms["syncbn"] / step_ms["local"],
+            results.put({"seconds": seconds, "load_1min": load, "cpu_wait": cpu_wait,
                          "collectives_forward": forward_calls,
                          "collectives_backward": backward_calls})
     finally:
         dist.destroy_process_group()
 
 
-def measure(quick: bool = False) -> dict[str, Any]:
+def measure(quick: bool = False, limits: timing.Limits | None = None) -> dict[str, Any]:
     """Median forward+backward step time (ms) of SyncBatchNorm and of local BatchNorm2d
-    on each of 2 processes, their ratio, and the collectives per SyncBN step."""
+    on each of 2 processes, their ratio (with its spread over the steps), and the
+    collectives per SyncBN step."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -105,8 +111,15 @@ def measure(quick: bool = False) -> dict[str, Any]:
         processes[rank].kill()
     if failed or results.empty():
         raise RuntimeError(f"SyncBatchNorm benchmark: processes {failed} failed or hung")
+    result = results.get()
+    timed = timing.Rounds(result["seconds"], result["load_1min"], result["cpu_wait"], 0)
     return {"shape": list(SHAPE), "processes": WORLD_SIZE, "threads_per_process": 1,
-            **results.get()}
+            "syncbn_ms": timed.ms("syncbn"), "local_ms": timed.ms("local"),
+            "ratio": timed.compare("syncbn", "local", limits or timing.Limits()),
+            "load_1min": timed.load_1min, "cpu_wait": timed.cpu_wait,
+            "rounds_ms": timed.rounds_ms(),
+            "collectives_forward": result["collectives_forward"],
+            "collectives_backward": result["collectives_backward"]}
 
 
 if __name__ == "__main__":

@@ -1,18 +1,19 @@
 """``BatchNormalization`` with tf_keras 2.21 semantics, as a lazily built torch module.
 
-Training computes batch statistics over every dim but ``axis`` and normalizes through the
-library's core (:func:`batchnorm.core.autograd.normalize`, analytic backward); the Keras
-extras only change what goes in and what is stored:
+Training normalizes with the batch statistics of every dim but ``axis`` through the
+library's operator (:func:`batchnorm.ops.batch_norm`, analytic backward), without affine
+parameters; the Keras extras only change what is applied after it and what is stored:
 
 * moving averages follow Keras: ``moving -= (moving - batch) * (1 - momentum)``;
 * the fused path (rank 4/5, channel axis 1 or last, no renorm / virtual batch /
   adjustment) stores the unbiased variance ``var * n / (n - 1)`` like ``FusedBatchNormV3``,
   otherwise the biased variance. Its epsilon is used as given: TF 2.21's CPU kernel does
   not raise it to 1.001e-5 (TF 1.x did, in Python; the golden vectors pin this down);
-* renorm folds into the affine step: ``(x_hat * r + d) * gamma + beta`` is
-  ``x_hat * (gamma * r) + (gamma * d + beta)`` with ``r``, ``d`` constants;
+* renorm and adjustment apply to the normalized ``x_hat``: ``(x_hat * r + d) * gamma +
+  beta`` with ``r``, ``d`` constants;
 * a virtual batch of size V reshapes the batch B to ``(V, B / V)`` like TF, so ghost batch
-  ``j`` holds samples ``j, j + B/V, j + 2B/V, ...``.
+  ``j`` holds samples ``j, j + B/V, j + 2B/V, ...``: the batch is reordered so that each
+  ghost batch is V consecutive samples, the operator's chunks.
 """
 
 from __future__ import annotations
@@ -23,28 +24,22 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_lazy
 from torch.utils.hooks import RemovableHandle
 
-from batchnorm.core.autograd import normalize
-from batchnorm.core.layout import View, channel_view
-from batchnorm.core.policy import batch_moments, normalize_view
-from batchnorm.core.spec import NormSpec
+from batchnorm import functional, ops
 from batchnorm.keras import options
 
 RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
 Adjustment = Callable[[torch.Size], tuple[Tensor, Tensor]]
 
 
-def strided_ghost_view(view: View, batch: int, virtual_batch_size: int) -> View:
-    """Ghost batches as TF forms them: the batch-major leading dim ``P = B * S`` of a
-    per-channel view becomes ``(V, B / V, S)`` and statistics are reduced over V and S, so
-    each of the ``B / V`` groups has its own mean and variance."""
-    x = view.x
-    per_sample = x.shape[0] // batch
-    split = x.view(virtual_batch_size, batch // virtual_batch_size, per_sample, *x.shape[1:])
-    reduce_dims = (0, 2, *(d + 2 for d in view.reduce_dims if d != 0))
-    return View(split, reduce_dims, (1, 1, 1, *view.param_shape[1:]),
-                lambda y: view.restore(y.view(x.shape)))
+def _interleave(x: Tensor, groups: int) -> Tensor:
+    """Samples ``j, j + groups, j + 2 * groups, ...`` made consecutive, for each j; applied
+    with ``groups = B / V`` it gathers TF's virtual batches, with ``groups = V`` it undoes
+    that."""
+    return x.reshape(-1, groups, *x.shape[1:]).transpose(0, 1).reshape(x.shape)
 
 
 def _check_number(name: str, value: float, low: float, high: float, *,
@@ -55,13 +50,15 @@ def _check_number(name: str, value: float, low: float, high: float, *,
         raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
 
 
-class BatchNormalization(nn.Module):
+class BatchNormalization(LazyModuleMixin, nn.Module):
     """``tf.keras.layers.BatchNormalization`` (tf_keras 2.21) for torch tensors.
 
     Parameters (``gamma``, ``beta``) and buffers (``moving_mean``, ``moving_variance``,
     with renorm also ``moving_stddev``, ``renorm_mean``, ``renorm_stddev``), all of shape
-    ``[C]``, are created on the first call, on the input's device and in its dtype (float32
-    for half precision): create the optimizer after that call or after :meth:`build`.
+    ``[C]``, take their shape and values on the first call (or :meth:`build`), on the
+    input's device and in its dtype (float32 for half precision). Until then they are
+    torch's uninitialized lazy tensors, as in ``torch.nn.LazyBatchNorm2d``: an optimizer
+    created before the first call holds the very parameters it will train.
 
     ``layer(x, training=None)``: ``None`` follows the module mode (``.train()`` /
     ``.eval()``), which is what Keras's ``fit`` / ``predict`` pass; ``True`` / ``False``
@@ -132,13 +129,19 @@ class BatchNormalization(nn.Module):
         self.virtual_batch_size, self.adjustment = virtual_batch_size, adjustment
         self._trainable = bool(trainable)
         self.built = False
-        self.gamma: nn.Parameter | None = None
-        self.beta: nn.Parameter | None = None
+        self.gamma = UninitializedParameter(requires_grad=self._trainable) if self.scale \
+            else None
+        self.beta = UninitializedParameter(requires_grad=self._trainable) if self.center \
+            else None
+        for name in self.weight_names:
+            if name not in ("gamma", "beta"):
+                self.register_buffer(name, UninitializedBuffer())
 
     # -- building ---------------------------------------------------------------------------
     def build(self, input_shape: Sequence[int], dtype: torch.dtype = torch.float32,
               device: torch.device | str | None = None) -> None:
-        """Create the weights for inputs of ``input_shape`` (Keras's ``build``)."""
+        """Create the weights for inputs of ``input_shape`` (Keras's ``build``); tensors
+        already given values by ``load_state_dict`` keep them."""
         if self.built:
             raise RuntimeError("build(): the layer is already built; its weights exist")
         rank = len(input_shape)
@@ -161,23 +164,30 @@ class BatchNormalization(nn.Module):
         channels = input_shape[axis]
         self._axis, self._rank = axis, rank
         device = torch.device("cpu") if device is None else torch.device(device)
-
-        def init(name: str) -> Tensor:
-            return options.initial_value(f"{name}_initializer", self.initializers[name],
-                                         (channels,), dtype, device)
-
-        requires_grad = self._trainable
-        if self.scale:
-            self.gamma = nn.Parameter(init("gamma"), requires_grad=requires_grad)
-        if self.center:
-            self.beta = nn.Parameter(init("beta"), requires_grad=requires_grad)
-        self.register_buffer("moving_mean", init("moving_mean"))
-        self.register_buffer("moving_variance", init("moving_variance"))
-        if self.renorm:
-            self.register_buffer("moving_stddev", self.moving_variance.sqrt())
-            self.register_buffer("renorm_mean", init("moving_mean"))
-            self.register_buffer("renorm_stddev", self.moving_variance.sqrt())
+        initial = {name: options.initial_value(f"{name}_initializer", self.initializers[name],
+                                               (channels,), dtype, device)
+                   for name in ("gamma", "beta", "moving_mean", "moving_variance")}
+        stddev = initial["moving_variance"].sqrt()
+        initial.update(moving_stddev=stddev, renorm_mean=initial["moving_mean"],
+                       renorm_stddev=stddev)
+        for name in self.weight_names:
+            tensor = getattr(self, name)
+            if is_lazy(tensor):
+                tensor.materialize((channels,), device=device, dtype=dtype)
+                with torch.no_grad():
+                    tensor.copy_(initial[name])
+            elif tensor.shape != (channels,):
+                raise ValueError(f"{name} was loaded with shape {list(tensor.shape)}, but an "
+                                 f"input of shape {list(input_shape)} has {channels} channels "
+                                 f"on axis {self.axis}")
         self.built = True
+
+    def initialize_parameters(self, x: Tensor, training: bool | None = None) -> None:
+        """The lazy-module hook before the first forward: build for ``x``."""
+        if not self.built:
+            _check_floating(x)
+            dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+            self.build(x.shape, dtype=dtype, device=x.device)
 
     @property
     def trainable(self) -> bool:
@@ -234,7 +244,8 @@ class BatchNormalization(nn.Module):
         add ``sum(layer.losses)`` to the training loss."""
         return [regularize(param) for name, param in (("gamma", self.gamma),
                                                       ("beta", self.beta))
-                if param is not None and (regularize := self.regularizers[name]) is not None]
+                if param is not None and not is_lazy(param)
+                and (regularize := self.regularizers[name]) is not None]
 
     @torch.no_grad()
     def apply_constraints(self) -> None:
@@ -242,7 +253,7 @@ class BatchNormalization(nn.Module):
         optimizer update; :meth:`constrain_after` calls it automatically."""
         for name, param in (("gamma", self.gamma), ("beta", self.beta)):
             project = self.constraints[name]
-            if param is not None and project is not None:
+            if param is not None and not is_lazy(param) and project is not None:
                 param.copy_(project(param))
 
     def constrain_after(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
@@ -251,11 +262,7 @@ class BatchNormalization(nn.Module):
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x: Tensor, training: bool | None = None) -> Tensor:
-        if not torch.is_floating_point(x):
-            raise TypeError(f"BatchNormalization expects a floating point input, got {x.dtype}")
-        if not self.built:
-            dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-            self.build(x.shape, dtype=dtype, device=x.device)
+        _check_floating(x)
         if x.dim() != self._rank or x.shape[self._axis] != self.moving_mean.numel():
             raise ValueError(f"input must be {self._rank}D with {self.moving_mean.numel()} "
                              f"channels on axis {self.axis}, got shape {list(x.shape)}")
@@ -265,55 +272,52 @@ class BatchNormalization(nn.Module):
         return self._train(x)
 
     def _inference(self, x: Tensor) -> Tensor:
-        view = channel_view(x, self._axis)
-        spec = NormSpec(view.reduce_dims, view.param_shape, self.epsilon)
-        return normalize_view(view, spec, self.gamma, self.beta, use_batch_stats=False,
-                              running_mean=self.moving_mean,
-                              running_var=self.moving_variance)
+        return functional.batch_norm(x, self.moving_mean, self.moving_variance, self.gamma,
+                                     self.beta, False, 0.0, self.epsilon, axis=self._axis)
 
     def _train(self, x: Tensor) -> Tensor:
         batch = x.shape[0]
         if x.numel() == 0:
             raise ValueError(f"training needs a non-empty batch, got input shape {list(x.shape)}")
-        view = channel_view(x, self._axis)
-        if self.virtual_batch_size is not None:
-            if batch % self.virtual_batch_size:
+        virtual = self.virtual_batch_size
+        if virtual is not None:
+            if batch % virtual:
                 raise ValueError(f"virtual_batch_size must divide the batch size {batch}, "
-                                 f"got {self.virtual_batch_size}")
-            view = strided_ghost_view(view, batch, self.virtual_batch_size)
-        if view.count < 2 and self.fused:
+                                 f"got {virtual}")
+            x = _interleave(x, batch // virtual)
+        count = x.numel() // x.shape[self._axis] // (batch // virtual if virtual else 1)
+        if count < 2 and self.fused:
             raise ValueError("the fused path needs more than 1 value per channel in "
                              f"training (Bessel's correction), got input shape {list(x.shape)}")
-        spec = NormSpec(view.reduce_dims, view.param_shape, self.epsilon)
-        mean, var, count = batch_moments(view, spec)
-        channels = self.moving_mean.numel()
+        normalized, mean, var, _, _ = ops.batch_norm(x, None, None, None, None, True,
+                                                     self.epsilon, self._axis, virtual or 0)
         # one value per channel for the moving statistics: the mean over ghost batches
-        new_mean = mean.reshape(-1, channels).mean(0)
-        new_var = var.reshape(-1, channels).mean(0)
-        if not (torch.isfinite(new_mean).all() and torch.isfinite(new_var).all()):
-            raise ValueError("input contains NaN or infinity: batch statistics are not "
-                             "finite, so the moving statistics were left unchanged")
-        weight, bias = (None, None) if self.adjustment is not None else (self.gamma, self.beta)
-        if self.renorm:
-            r, d = self._renorm_correction(new_mean, new_var)
-            weight, bias = _compose(r, d, weight, bias)
-        self._update_moving_statistics(new_mean, new_var, count)
-        y = view.restore(normalize(view.x, mean, var, _param(weight, spec), _param(bias, spec),
-                                   spec, batch_stats=True, count=count))
-        # adjustment tensors broadcast against the input, so they apply outside the core
-        return y if self.adjustment is None else self._adjust(x, y)
-
-    def _adjust(self, x: Tensor, normalized: Tensor) -> Tensor:
-        """``(normalized * adj_scale + adj_bias) * gamma + beta`` in the input's layout."""
-        adj_scale, adj_bias = self.adjustment(x.shape)
-        y = normalized * adj_scale + adj_bias
+        new_mean, new_var = mean.mean(0), var.mean(0)
         shape = [1] * x.dim()
         shape[self._axis] = x.shape[self._axis]
+        y = normalized
+        if self.renorm:
+            r, d = self._renorm_correction(new_mean, new_var)
+            y = y * r.reshape(shape) + d.reshape(shape)
+        self._update_moving_statistics(new_mean, new_var, count)
+        if virtual is not None:
+            y = _interleave(y, virtual)
+        y = self._adjust(y) if self.adjustment is not None else self._affine(y, shape)
+        return y.to(normalized.dtype)
+
+    def _affine(self, y: Tensor, shape: list[int]) -> Tensor:
         if self.gamma is not None:
             y = y * self.gamma.reshape(shape)
         if self.beta is not None:
             y = y + self.beta.reshape(shape)
-        return y.to(x.dtype)
+        return y
+
+    def _adjust(self, normalized: Tensor) -> Tensor:
+        """``(normalized * adj_scale + adj_bias) * gamma + beta`` in the input's layout."""
+        adj_scale, adj_bias = self.adjustment(normalized.shape)
+        shape = [1] * normalized.dim()
+        shape[self._axis] = normalized.shape[self._axis]
+        return self._affine(normalized * adj_scale + adj_bias, shape)
 
     @torch.no_grad()
     def _renorm_correction(self, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
@@ -357,20 +361,11 @@ class BatchNormalization(nn.Module):
         return ", ".join(extras)
 
 
+def _check_floating(x: Tensor) -> None:
+    if not torch.is_floating_point(x):
+        raise TypeError(f"BatchNormalization expects a floating point input, got {x.dtype}")
+
+
 def _assign_moving_average(moving: Tensor, value: Tensor, momentum: float) -> None:
     """Keras's update ``moving -= (moving - value) * (1 - momentum)``."""
     moving.sub_((moving - value.to(moving.dtype)) * (1.0 - momentum))
-
-
-def _compose(r: Tensor, d: Tensor, gamma: Tensor | None, beta: Tensor | None
-             ) -> tuple[Tensor, Tensor]:
-    """``(x_hat * r + d) * gamma + beta`` as one affine ``x_hat * weight + bias``."""
-    if gamma is None:
-        weight, bias = r, d
-    else:
-        weight, bias = r * gamma, d * gamma
-    return weight, bias if beta is None else bias + beta
-
-
-def _param(tensor: Tensor | None, spec: NormSpec) -> Tensor | None:
-    return None if tensor is None else tensor.reshape(spec.param_shape)

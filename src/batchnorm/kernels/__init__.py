@@ -1,45 +1,77 @@
 """The one dispatch point between the core and the kernels.
 
-``BATCHNORM_BACKEND=torch`` forces the pure-torch reference everywhere; ``numba`` forces the
-CPU kernels wherever they apply. Unset, each call takes the CPU kernel when one exists for
-its view and dtype and the rule in :func:`batchnorm.kernels.numba_cpu.prefers` says it is
-faster than torch there, else the reference. A backend may also fuse the statistics into
-the normalize step and the whole backward into one call (:func:`fused`).
+:func:`primitives` picks, for an input tensor, the module whose kernel primitives (the
+functions of :mod:`batchnorm.kernels.reference`) run it: the compiled C++ kernels on CPU,
+the Triton kernels on CUDA, and the plain-torch reference for anything else or when a
+compiled backend is unavailable. ``BATCHNORM_BACKEND`` (read once, at import) or
+:func:`use_backend` forces one: ``torch`` (the reference everywhere), ``cpp``, or ``triton``
+(also on CPU tensors when ``TRITON_INTERPRET=1``, for testing the kernels without a GPU).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
+from collections.abc import Iterator
 from types import ModuleType
 
-from torch import Tensor
+import torch
 
-from batchnorm.core.spec import NormSpec
-from batchnorm.kernels import numba_cpu, reference
+from batchnorm.kernels import reference
 
-BACKENDS = ("torch", "numba")
+BACKENDS = ("torch", "cpp", "triton")
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def forced_backend() -> str | None:
-    choice = os.environ.get("BATCHNORM_BACKEND", "").strip().lower() or None
+def _parse(choice: str | None) -> str | None:
+    choice = (choice or "").strip().lower() or None
     if choice is not None and choice not in BACKENDS:
         raise ValueError(f"BATCHNORM_BACKEND must be one of {BACKENDS}, got {choice!r}")
     return choice
 
 
-def select(x: Tensor, spec: NormSpec) -> ModuleType:
-    """The backend module that runs ``spec`` on view ``x``."""
-    choice = forced_backend()
-    if choice == "torch" or not numba_cpu.supports(x, spec):
+_forced = _parse(os.environ.get("BATCHNORM_BACKEND"))
+
+
+def forced_backend() -> str | None:
+    """The backend forced by ``BATCHNORM_BACKEND`` or :func:`use_backend`, else None."""
+    return _forced
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Force backend ``name`` (None: the default choice) inside the block."""
+    global _forced
+    previous, _forced = _forced, _parse(name)
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+@functools.cache
+def _cpp() -> ModuleType | None:
+    from batchnorm.kernels import cpu, extension
+    return cpu if extension.available() else None
+
+
+@functools.cache
+def _triton(device_type: str) -> ModuleType | None:
+    try:
+        from batchnorm.kernels import triton_kernels
+    except ImportError:
+        return None
+    return triton_kernels if triton_kernels.available(device_type) else None
+
+
+def primitives(x: torch.Tensor) -> ModuleType:
+    """The kernel primitives for tensor ``x``."""
+    if _forced == "torch" or x.dtype not in _FLOAT_DTYPES:
         return reference
-    if choice == "numba" or numba_cpu.prefers(x, spec):
-        return numba_cpu
+    device = x.device.type
+    if _forced == "triton" or (_forced is None and device == "cuda"):
+        return _triton(device) or reference
+    if device == "cpu":
+        return _cpp() or reference
     return reference
-
-
-def fused(x: Tensor, spec: NormSpec) -> ModuleType | None:
-    """The backend that computes batch statistics, normalization and the whole backward of
-    view ``x`` in one call each (``forward_batch``/``backward_batch``), or None."""
-    backend = select(x, spec)
-    fuses = getattr(backend, "fuses", None)
-    return backend if fuses is not None and fuses(x, spec) else None

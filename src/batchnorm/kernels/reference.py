@@ -19,6 +19,10 @@ With ``z = (x - mean) * scale + shift`` (per-(chunk, channel) tables),
     channel_backward_input(dy, x, mean, scale, shift, k1, k0, k2, ...)
                                                     -> g * k1 + k0 + (x - mean) * k2
 
+The ``*_residual`` variants are the ResNet block tail, ``act(z + residual)`` with the
+shortcut ``residual`` of x's shape: their ``g`` is ``dy * act'(z + residual)``, and
+:func:`channel_backward_input_residual` also returns ``d residual = g``.
+
 Tables and sums are in the accumulation dtype (float32 for half inputs, else the input's);
 outputs are in the input's dtype.
 """
@@ -150,6 +154,37 @@ def channel_backward_input(dy: Tensor, x: Tensor, mean: Tensor, scale: Tensor, s
     dx = (g * _per_row(k1, rows, chunk) + _per_row(k0, rows, chunk)
           + centered * _per_row(k2, rows, chunk))
     return dx.to(x.dtype)
+
+
+def channel_normalize_residual(x: Tensor, residual: Tensor, mean: Tensor, scale: Tensor,
+                               shift: Tensor, chunk: int, activation: str, param: float
+                               ) -> Tensor:
+    """``act(z + residual)``: normalize, add the shortcut and activate in one pass."""
+    _, z = _pre_activation(x, mean, scale, shift, chunk)
+    return activation_forward(z + _acc(residual), activation, param).to(x.dtype)
+
+
+def channel_backward_reduce_residual(dy: Tensor, x: Tensor, residual: Tensor, mean: Tensor,
+                                     scale: Tensor, shift: Tensor, chunk: int, activation: str,
+                                     param: float) -> tuple[Tensor, Tensor]:
+    """sum(g), sum(g * (x - mean)) with ``g = dy * act'(z + residual)``."""
+    centered, z = _pre_activation(x, mean, scale, shift, chunk)
+    g = _gated(dy, z + _acc(residual), activation, param)
+    return _chunk_sums(g, chunk), _chunk_sums(g * centered, chunk)
+
+
+def channel_backward_input_residual(dy: Tensor, x: Tensor, residual: Tensor, mean: Tensor,
+                                    scale: Tensor, shift: Tensor, k1: Tensor, k0: Tensor,
+                                    k2: Tensor, chunk: int, activation: str, param: float
+                                    ) -> tuple[Tensor, Tensor]:
+    """dx ``= g * k1 + k0 + (x - mean) * k2`` and ``d residual = g``, with
+    ``g = dy * act'(z + residual)``."""
+    rows = x.shape[0]
+    centered, z = _pre_activation(x, mean, scale, shift, chunk)
+    g = _gated(dy, z + _acc(residual), activation, param)
+    dx = (g * _per_row(k1, rows, chunk) + _per_row(k0, rows, chunk)
+          + centered * _per_row(k2, rows, chunk))
+    return dx.to(x.dtype), g.to(residual.dtype, copy=True)  # never an alias of dy
 
 
 def rows_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float

@@ -26,14 +26,15 @@ from batchnorm.modules.instancenorm import (
     LazyInstanceNorm2d,
     LazyInstanceNorm3d,
 )
+from batchnorm.modules.layernorm2d import LayerNorm2d
 from batchnorm.modules.normalization import GroupNorm, LayerNorm
 from batchnorm.modules.syncbn import SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
 
 __all__ = [
     "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "FrozenBatchNorm",
     "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "GroupNorm", "InstanceNorm1d",
-    "InstanceNorm2d", "InstanceNorm3d", "LayerNorm", "LazyBatchNorm1d", "LazyBatchNorm2d",
-    "LazyBatchNorm3d", "LazyInstanceNorm1d", "LazyInstanceNorm2d", "LazyInstanceNorm3d",
-    "SyncBatchNorm", "convert", "convert_sync_batchnorm", "freeze", "revert",
-    "revert_sync_batchnorm", "unfreeze",
+    "InstanceNorm2d", "InstanceNorm3d", "LayerNorm", "LayerNorm2d", "LazyBatchNorm1d",
+    "LazyBatchNorm2d", "LazyBatchNorm3d", "LazyInstanceNorm1d", "LazyInstanceNorm2d",
+    "LazyInstanceNorm3d", "SyncBatchNorm", "convert", "convert_sync_batchnorm", "freeze",
+    "revert", "revert_sync_batchnorm", "unfreeze",
 ]

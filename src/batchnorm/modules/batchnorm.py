@@ -22,7 +22,11 @@ from torch.nn.parameter import UninitializedBuffer, is_lazy
 
 from batchnorm import functional as F
 from batchnorm.core.activation import make_activation
-from batchnorm.core.policy import Renorm
+from batchnorm.functional import batch_norm
+
+# FX's symbolic tracing records the functional call as one node instead of tracing into
+# its argument checks (which branch on shapes), as it does for torch.nn's layers.
+torch.fx.wrap("batch_norm")
 
 RenormClipping = Mapping[str, float] | Callable[[int], Mapping[str, float]]
 
@@ -61,7 +65,7 @@ class _BatchNormForward:
         if not renorm and (renorm_clipping is not None or renorm_momentum is not None):
             raise ValueError("renorm_clipping and renorm_momentum need renorm=True")
         if renorm_clipping is not None and not callable(renorm_clipping):
-            Renorm.from_clipping(renorm_clipping)
+            F._renorm_limits(renorm_clipping)
         if renorm_momentum is not None and not 0.0 < renorm_momentum <= 1.0:
             raise ValueError(f"renorm_momentum must be in (0, 1], got {renorm_momentum!r}")
         super().__init__(*args, **kwargs)
@@ -111,24 +115,18 @@ class _BatchNormForward:
                 "renorm_clipping": self.renorm_clipping,
                 "renorm_momentum": self.renorm_momentum}
 
-    def _momentum_factor(self) -> float:
-        """Counts the batch and returns this step's running-average factor: ``momentum``,
-        or ``1 / num_batches_tracked`` (cumulative average) when ``momentum`` is None."""
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                return 1.0 / float(self.num_batches_tracked)
-        return 0.0 if self.momentum is None else self.momentum
-
-    def _statistics_policy(self) -> tuple[bool, Tensor | None, Tensor | None]:
+    def _statistics_policy(self) -> dict[str, Any]:
         """Batch statistics in training, or in eval when there are no buffers; buffers are
-        passed only when they are used or updated (torch's rule, also after
-        ``track_running_stats`` is flipped on a built module)."""
-        use_batch_stats = self.training or (self.running_mean is None
-                                            and self.running_var is None)
+        passed only when they are used or updated, and the batch is counted only when they
+        are updated (torch's rule, also after ``track_running_stats`` is flipped on a built
+        module)."""
         pass_buffers = not self.training or self.track_running_stats
-        return (use_batch_stats, self.running_mean if pass_buffers else None,
-                self.running_var if pass_buffers else None)
+        return {"training": self.training or (self.running_mean is None
+                                              and self.running_var is None),
+                "running_mean": self.running_mean if pass_buffers else None,
+                "running_var": self.running_var if pass_buffers else None,
+                "num_batches_tracked": self.num_batches_tracked
+                if self.training and self.track_running_stats else None}
 
     def _batch_norm_options(self) -> dict[str, Any]:
         """Keyword options forwarded to the functional core (variants add theirs)."""
@@ -138,7 +136,7 @@ class _BatchNormForward:
         if self.renorm and self.training:
             clipping = self.renorm_clipping
             if callable(clipping):
-                clipping = clipping(int(self.num_batches_tracked) - 1)
+                clipping = clipping(int(self.num_batches_tracked))
             options.update(renorm=True, renorm_clipping=clipping)
             if self.renorm_momentum is not None:
                 options.update(renorm_mean=self.renorm_mean, renorm_var=self.renorm_var,
@@ -152,11 +150,11 @@ class _BatchNormForward:
                           *(f"{name}={value!r}" for name, value in options.items())])
 
     def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)
-        factor = self._momentum_factor()
-        use_batch_stats, running_mean, running_var = self._statistics_policy()
-        return F.batch_norm(input, running_mean, running_var, self.weight, self.bias,
-                            use_batch_stats, factor, self.eps, **self._batch_norm_options())
+        if not torch.fx._symbolic_trace.is_fx_symbolic_tracing():
+            self._check_input_dim(input)
+        return batch_norm(input, weight=self.weight, bias=self.bias, momentum=self.momentum,
+                          eps=self.eps, **self._statistics_policy(),
+                          **self._batch_norm_options())
 
 
 class BatchNorm1d(_BatchNormForward, nn.BatchNorm1d):

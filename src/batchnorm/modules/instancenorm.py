@@ -3,9 +3,13 @@ migration, channel checks) with the normalization computed by the core."""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
-from batchnorm import functional as F
+from batchnorm.functional import instance_norm
+
+# FX records the call as one node instead of tracing torch's shape checks (see batchnorm.py).
+torch.fx.wrap("instance_norm")
 
 __all__ = ["InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "LazyInstanceNorm1d",
            "LazyInstanceNorm2d", "LazyInstanceNorm3d"]
@@ -15,9 +19,14 @@ class _InstanceNormForward:
     """Replaces the single call to the functional op in torch's ``_InstanceNorm.forward``."""
 
     def _apply_instance_norm(self, input: Tensor) -> Tensor:
-        return F.instance_norm(input, self.running_mean, self.running_var, self.weight,
-                               self.bias, self.training or not self.track_running_stats,
-                               self.momentum if self.momentum is not None else 0.0, self.eps)
+        return instance_norm(input, self.running_mean, self.running_var, self.weight,
+                             self.bias, self.training or not self.track_running_stats,
+                             self.momentum if self.momentum is not None else 0.0, self.eps)
+
+    def forward(self, input: Tensor) -> Tensor:
+        if torch.fx._symbolic_trace.is_fx_symbolic_tracing():
+            return self._apply_instance_norm(input)
+        return super().forward(input)
 
 
 class InstanceNorm1d(_InstanceNormForward, nn.InstanceNorm1d):

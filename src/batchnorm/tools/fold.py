@@ -5,7 +5,12 @@ In eval mode a BatchNorm is the per-channel affine map ``y = z * scale + shift``
 when ``z = W x + b`` comes from a conv or linear layer whose output nothing else reads,
 the map folds into that layer: ``W' = W * scale`` (per output channel), ``b' = b * scale
 + shift``. The graph is found by torch.fx, so residual branches and functional code are
-seen, not only ``nn.Sequential`` neighbours.
+seen, not only ``nn.Sequential`` neighbours. Only BatchNorms whose forward is known are
+touched (torch's exact classes, ours with their fused activation kept as a module after
+the layer, subclasses :func:`batchnorm.convert` recognizes such as timm's
+``BatchNormAct2d``); any other subclass may compute more than the map and is left as it
+is, with a warning. (torch's ``fuse_conv_bn_eval`` knows only torch's BatchNorm: given
+one of ours it drops the fused activation.)
 """
 
 from __future__ import annotations
@@ -18,9 +23,9 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parameter import is_lazy
 
-from batchnorm.core.activation import make_activation
+from batchnorm.modules.convert import activation_module, ecosystem_equivalent
 from batchnorm.modules.frozen import freeze
-from batchnorm.tools.graph import BATCHNORMS, layer_batchnorm_pairs, trace
+from batchnorm.tools.graph import BATCHNORMS, is_known_batchnorm, layer_batchnorm_pairs, trace
 
 __all__ = ["fold"]
 
@@ -65,11 +70,8 @@ def _folded(layer: nn.Module, bn: nn.Module) -> nn.Module:
 
 def _fused_activation(bn: nn.Module) -> nn.Module | None:
     """The activation a BatchNorm applies after its affine map, as a torch.nn module."""
-    activation = make_activation(getattr(bn, "activation", None),
-                                 getattr(bn, "activation_param", None))
-    return {"identity": None, "relu": nn.ReLU(), "silu": nn.SiLU(),
-            "leaky_relu": nn.LeakyReLU(activation.param),
-            "elu": nn.ELU(activation.param)}[activation.name]
+    return activation_module(getattr(bn, "activation", None),
+                             getattr(bn, "activation_param", None))
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -77,11 +79,29 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent), child, module)
 
 
-def _freeze_remaining(model: nn.Module) -> None:
-    """Every BatchNorm with running statistics left in ``model`` becomes a FrozenBatchNorm;
-    one without them normalizes with batch statistics even in eval, so it stays."""
+def _replace_unknown(model: nn.Module) -> None:
+    """BatchNorm subclasses: recognized ones become our equivalent layer, the others stay
+    as they are (fold cannot know what their forward computes), named in a warning."""
+    left = []
     for name, module in list(model.named_modules()):
-        if not isinstance(module, _BatchNorm):
+        if not isinstance(module, _BatchNorm) or is_known_batchnorm(module):
+            continue
+        equivalent = ecosystem_equivalent(module)
+        if isinstance(equivalent, nn.Module):
+            _set_submodule(model, name, equivalent)
+        else:
+            left.append(f"{name!r} ({type(module).__name__}): {equivalent}")
+    if left:
+        warnings.warn(f"fold: left {len(left)} BatchNorm layer(s) as they are, their forward "
+                      "being one fold does not know: " + "; ".join(left), stacklevel=3)
+
+
+def _freeze_remaining(model: nn.Module) -> None:
+    """Every known BatchNorm with running statistics left in ``model`` becomes a
+    FrozenBatchNorm; one without them normalizes with batch statistics even in eval, so
+    it stays."""
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, _BatchNorm) or not is_known_batchnorm(module):
             continue
         if _has_running_stats(module):
             _set_submodule(model, name, freeze(module).eval())
@@ -95,11 +115,13 @@ def fold(model: nn.Module) -> nn.Module:
     """An inference copy of ``model`` with every foldable BatchNorm folded into the
     Conv1d/2d/3d, ConvTranspose1d/2d/3d (grouped too) or Linear layer feeding it.
 
-    A BatchNorm (torch.nn's, ours with any variant option, FrozenBatchNorm) is folded when
-    its only input is such a layer's output, nothing else reads that output and the layer
-    is called once; a fused activation stays as a torch.nn activation module. Every other
-    BatchNorm with running statistics becomes a :class:`batchnorm.FrozenBatchNorm2d` (and
-    kin); one without (``track_running_stats=False``) is left in place with a warning.
+    A BatchNorm (torch.nn's, ours with any variant option, FrozenBatchNorm, a subclass that
+    :func:`batchnorm.convert` recognizes) is folded when its only input is such a layer's
+    output, nothing else reads that output and the layer is called once; a fused
+    activation stays as a torch.nn activation module. Every other such BatchNorm with
+    running statistics becomes a :class:`batchnorm.FrozenBatchNorm2d` (and kin); one
+    without (``track_running_stats=False``) and any other subclass are left in place with
+    a warning.
     ``model`` is not modified; the result is in eval mode, a ``torch.fx.GraphModule`` when
     the model can be traced (else, with a warning, a copy whose BatchNorms are only
     frozen). Assumes batched input: a Linear's BatchNorm normalizes its last dim."""
@@ -114,6 +136,7 @@ def fold(model: nn.Module) -> nn.Module:
         raise ValueError(f"fold: {unbuilt[0]!r} is uninitialized (lazy module); run one "
                          "forward pass before folding")
     model = copy.deepcopy(model).eval()
+    _replace_unknown(model)
     try:
         graph_module = trace(model)
     except Exception as error:  # fx raises many types on untraceable Python

@@ -12,10 +12,14 @@ from dataclasses import dataclass
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
+from batchnorm.modules.batchnorm import _BatchNormForward
 from batchnorm.modules.frozen import FrozenBatchNorm
+from batchnorm.modules.syncbn import SyncBatchNorm
 
 # Eval-mode BatchNorms: per-channel affine maps once their statistics are fixed.
 BATCHNORMS = (_BatchNorm, FrozenBatchNorm)
+# torch.nn's BatchNorms whose eval forward is exactly that map
+_TORCH_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 # Layers whose output channels (dim 1 for convs, the last dim for Linear) a BatchNorm
 # that follows them can be folded into.
 FOLDABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
@@ -56,6 +60,14 @@ class LayerBatchNorm:
         return str(self.bn_node.target)
 
 
+def is_known_batchnorm(module: nn.Module) -> bool:
+    """Whether ``module``'s forward is one we know to be a BatchNorm's affine map (then
+    its fused activation, if any): torch's exact classes and ours. A subclass that
+    overrides ``forward`` may compute anything else (an activation, a scale)."""
+    return type(module) in _TORCH_BATCHNORMS or type(module).forward in (
+        _BatchNormForward.forward, SyncBatchNorm.forward, FrozenBatchNorm.forward)
+
+
 def _channel_axis_matches(layer: nn.Module, bn: nn.Module) -> bool:
     """Whether the BatchNorm's channel axis is the layer's output-feature dim (assuming
     batched input: dim 1 of a conv output, the last dim of a 2D Linear output)."""
@@ -70,8 +82,8 @@ def _output_features(layer: nn.Module) -> int:
 
 
 def layer_batchnorm_pairs(graph_module: fx.GraphModule) -> list[LayerBatchNorm]:
-    """Every BatchNorm call (FrozenBatchNorm too) fed by a conv/conv-transpose/linear call,
-    with matching channels."""
+    """Every call of a known BatchNorm (FrozenBatchNorm too, see :func:`is_known_batchnorm`)
+    fed by a conv/conv-transpose/linear call, with matching channels."""
     modules = dict(graph_module.named_modules())
     calls: dict[str, int] = {}
     for node in graph_module.graph.nodes:
@@ -79,7 +91,7 @@ def layer_batchnorm_pairs(graph_module: fx.GraphModule) -> list[LayerBatchNorm]:
             calls[node.target] = calls.get(node.target, 0) + 1
     pairs = []
     for node in graph_module.graph.nodes:
-        if node.op != "call_module" or not isinstance(modules[node.target], BATCHNORMS):
+        if node.op != "call_module" or not is_known_batchnorm(modules[node.target]):
             continue
         if len(node.args) != 1 or node.kwargs:
             continue
@@ -105,7 +117,7 @@ def sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
             continue
         children = list(module.named_children())
         for (layer_name, layer), (bn_name, bn) in itertools.pairwise(children):
-            if isinstance(layer, FOLDABLE_LAYERS) and isinstance(bn, BATCHNORMS) and \
+            if isinstance(layer, FOLDABLE_LAYERS) and is_known_batchnorm(bn) and \
                     _output_features(layer) == bn.num_features:
                 prefix = f"{name}." if name else ""
                 pairs.append((prefix + layer_name, prefix + bn_name))

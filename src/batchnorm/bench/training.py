@@ -1,0 +1,122 @@
+"""End-to-end rows: training steps (forward, cross-entropy, backward, SGD step) of real
+architectures built from ``torch.nn`` layers vs :func:`batchnorm.convert` of a copy of
+the same model, eager and under torch.compile, contiguous (NCHW) and channels_last.
+
+The four variants of one (model, layout) run in the same interleaved rounds; the
+compiled ones are compiled and warmed up before the first timed round."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import batchnorm
+from batchnorm.bench import measure, models
+
+
+@dataclass(frozen=True)
+class ModelCase:
+    name: str
+    build: Callable[[], nn.Module]
+    input_shape: tuple[int, ...]  # (batch, ...)
+    num_classes: int
+
+    @property
+    def layouts(self) -> tuple[str, ...]:
+        if len(self.input_shape) == 4:
+            return ("contiguous", "channels_last")
+        return ("contiguous",)
+
+
+MODELS: tuple[ModelCase, ...] = (
+    ModelCase("ResNet-18 (CIFAR)", models.resnet18_cifar, (32, 3, 32, 32), 10),
+    ModelCase("MobileNetV2", models.mobilenet_v2, (16, 3, 64, 64), 200),
+    ModelCase("TF tutorial MLP (7 layers, leaky ReLU)", models.tf_tutorial_mlp, (64, 784), 10),
+    ModelCase("Hands-On ML MLP (300-100, ELU)", models.hands_on_ml_mlp, (200, 784), 10),
+    ModelCase("GroupNorm/LayerNorm CNN", models.gn_ln_net, (32, 3, 32, 32), 10),
+)
+
+# The same architectures, narrowed and on small batches, for the smoke test (--tiny).
+TINY_MODELS: tuple[ModelCase, ...] = (
+    ModelCase("ResNet-18 (CIFAR)", partial(models.resnet18_cifar, width=8), (4, 3, 16, 16),
+              10),
+    ModelCase("MobileNetV2", partial(models.mobilenet_v2, num_classes=10, width_mult=0.25),
+              (4, 3, 32, 32), 10),
+    ModelCase("TF tutorial MLP (7 layers, leaky ReLU)", models.tf_tutorial_mlp, (8, 784), 10),
+    ModelCase("Hands-On ML MLP (300-100, ELU)", models.hands_on_ml_mlp, (8, 784), 10),
+    ModelCase("GroupNorm/LayerNorm CNN", partial(models.gn_ln_net, width=8), (4, 3, 16, 16),
+              10),
+)
+
+
+def training_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> measure.Step:
+    """One SGD step (lr 1e-3, momentum 0.9) on a fixed batch."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def step() -> object:
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), target)
+        loss.backward()
+        optimizer.step()
+        return loss
+    return step
+
+
+def run(case: ModelCase, layout: str, compiler: measure.Compiler, rounds: int, warmup: int,
+        min_round_s: float, limits: measure.Limits) -> list[dict[str, object]]:
+    """The eager row and (compile enabled) the torch.compile row of one model and layout."""
+    torch.manual_seed(0)
+    reference = case.build()
+    memory_format = torch.channels_last if layout == "channels_last" else \
+        torch.contiguous_format
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(case.input_shape, generator=generator).contiguous(
+        memory_format=memory_format)
+    target = torch.randint(case.num_classes, (case.input_shape[0],), generator=generator)
+
+    def variant(implementation: str) -> nn.Module:
+        model = copy.deepcopy(reference)
+        if implementation == "ours":
+            model = batchnorm.convert(model)
+        return model.to(memory_format=memory_format).train()
+
+    steps = {f"eager {name}": training_step(variant(name), x, target)
+             for name in ("torch", "ours")}
+
+    def compiled_step(implementation: str) -> measure.Step:
+        step = training_step(compiler.compile(variant(implementation.split()[0])), x, target)
+        if implementation == "torch" or implementation == "ours":
+            return step
+
+        def with_operators() -> object:  # dynamo keeps one graph per value of the switch
+            batchnorm.functional.DECOMPOSE_UNDER_COMPILE = False
+            try:
+                return step()
+            finally:
+                batchnorm.functional.DECOMPOSE_UNDER_COMPILE = True
+        return with_operators
+
+    compiled, notes = compiler.warm_up({f"compile {name}": partial(compiled_step, name)
+                                        for name in ("torch", "ours", "ours operators")})
+    steps.update(compiled)
+    timed = measure.interleaved_rounds(steps, rounds, warmup, min_round_s)
+    pairs = {"eager": ("eager torch", "eager ours"),
+             "compile": ("compile torch", "compile ours"),
+             "compile, operators": ("compile torch", "compile ours operators")}
+    return [{"model": case.name, "input_shape": list(case.input_shape), "layout": layout,
+             "mode": mode, "load_1min": timed.load_1min, "cpu_wait": timed.cpu_wait,
+             "torch_ms": timed.ms(torch_name), "ours_ms": timed.ms(ours_name),
+             "speedup": timed.compare(torch_name, ours_name, limits),
+             "rounds_ms": {"torch": timed.rounds_ms().get(torch_name),
+                           "ours": timed.rounds_ms().get(ours_name)},
+             "graphs_compiled_while_timing": timed.graphs_compiled,
+             "note": "" if mode == "eager" else
+             f"torch.nn {notes['compile torch']}; converted {notes[ours_name]}"}
+            for mode, (torch_name, ours_name) in pairs.items()
+            if compiler.enabled or mode == "eager"]

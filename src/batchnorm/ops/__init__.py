@@ -1,0 +1,334 @@
+"""The normalizations as registered PyTorch operators in the ``batchnorm::`` namespace.
+
+Each operator has a schema, a fake (meta) kernel for tracing without data, an autograd
+formula, and an implementation for every device: the composite one here (the core over
+the kernel primitives :func:`batchnorm.kernels.primitives` picks for the input), which a
+device-specific compiled kernel may replace. The dispatcher, autograd, ``torch.compile``,
+``torch.export``, FX, ``torch.jit.trace`` and the profiler then see our layers as they see
+torch's own. Forward operators are functional; the running statistics follow through a
+separate mutating operator, :func:`update_running_stats_`, called only after the forward
+accepted the batch, so a rejected batch changes no buffer.
+
+Double backward and ``torch.func`` transforms use :mod:`batchnorm.core.normalize` with the
+reference primitives directly: plain torch ops that every transform differentiates.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from batchnorm import kernels
+from batchnorm.core import layout, normalize
+from batchnorm.core.policy import update_running_stats
+from batchnorm.kernels import reference
+from batchnorm.kernels.reference import accumulation_dtype
+
+__all__ = ["batch_norm", "group_norm", "layer_norm", "update_running_stats_"]
+
+_lib = torch.library.Library("batchnorm", "DEF")
+_SCHEMAS = {
+    "batch_norm": "(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, "
+                  "Tensor? running_var, bool training, float eps, int axis=1, int chunk=0, "
+                  "str activation='identity', float activation_param=0., "
+                  "float[]? renorm_clipping=None, Tensor? renorm_mean=None, "
+                  "Tensor? renorm_var=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "batch_norm_backward": "(Tensor grad_output, Tensor input, Tensor? weight, Tensor? bias, "
+                           "Tensor mean, Tensor var, Tensor renorm_r, Tensor renorm_d, "
+                           "bool training, float eps, int axis, int chunk, str activation, "
+                           "float activation_param, bool[3] output_mask) "
+                           "-> (Tensor, Tensor, Tensor)",
+    "batch_norm_backward_differentiable": "(Tensor grad_output, Tensor input, Tensor? weight, "
+                                          "Tensor? bias, Tensor mean, Tensor var, "
+                                          "Tensor renorm_r, Tensor renorm_d, bool training, "
+                                          "float eps, int axis, int chunk, str activation, "
+                                          "float activation_param, bool[3] output_mask) "
+                                          "-> (Tensor, Tensor, Tensor)",
+    "update_running_stats_": "(Tensor(a!) running_mean, Tensor(b!) running_var, "
+                             "Tensor(c!)? num_batches_tracked, Tensor mean, Tensor var, "
+                             "SymInt count, SymInt last_count, float? momentum) -> ()",
+    "group_norm": "(Tensor input, Tensor? weight, Tensor? bias, int num_groups, float eps) "
+                  "-> (Tensor, Tensor, Tensor)",
+    "group_norm_backward": "(Tensor grad_output, Tensor input, Tensor? weight, Tensor? bias, "
+                           "Tensor mean, Tensor invstd, int num_groups, bool[3] output_mask) "
+                           "-> (Tensor, Tensor, Tensor)",
+    "group_norm_backward_differentiable": "(Tensor grad_output, Tensor input, Tensor? weight, "
+                                          "Tensor? bias, Tensor mean, Tensor invstd, "
+                                          "int num_groups, float eps, bool[3] output_mask) "
+                                          "-> (Tensor, Tensor, Tensor)",
+    "layer_norm": "(Tensor input, int normalized_ndim, Tensor? weight, Tensor? bias, "
+                  "float eps) -> (Tensor, Tensor, Tensor)",
+    "layer_norm_backward": "(Tensor grad_output, Tensor input, int normalized_ndim, "
+                           "Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd, "
+                           "bool[3] output_mask) -> (Tensor, Tensor, Tensor)",
+    "layer_norm_backward_differentiable": "(Tensor grad_output, Tensor input, "
+                                          "int normalized_ndim, Tensor? weight, Tensor? bias, "
+                                          "float eps, bool[3] output_mask) "
+                                          "-> (Tensor, Tensor, Tensor)",
+}
+for _name, _schema in _SCHEMAS.items():
+    _lib.define(_name + _schema)
+
+
+def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
+    """Operators return an empty tensor for a gradient that was not asked for."""
+    return like.new_empty((0,)) if t is None else t
+
+
+# Composite implementations: the core over the primitives picked for the input.
+
+def _batch_norm(input, weight, bias, running_mean, running_var, training, eps, axis=1, chunk=0,
+                activation="identity", activation_param=0.0, renorm_clipping=None,
+                renorm_mean=None, renorm_var=None):
+    with torch.no_grad():
+        return normalize.batch_norm_forward(
+            kernels.primitives(input), input, weight, bias, running_mean, running_var,
+            training, eps, axis, chunk, activation, activation_param, renorm_clipping,
+            renorm_mean, renorm_var)
+
+
+def _batch_norm_backward(grad_output, input, weight, bias, mean, var, renorm_r, renorm_d,
+                         training, eps, axis, chunk, activation, activation_param,
+                         output_mask):
+    with torch.no_grad():
+        grads = normalize.batch_norm_backward(
+            kernels.primitives(input), grad_output, input, weight, bias, mean, var, renorm_r,
+            renorm_d, training, eps, axis, chunk, activation, activation_param, output_mask)
+    return tuple(_or_empty(g, input) for g in grads)
+
+
+def _group_norm(input, weight, bias, num_groups, eps):
+    with torch.no_grad():
+        return normalize.group_norm_forward(kernels.primitives(input), input, weight, bias,
+                                            num_groups, eps)
+
+
+def _group_norm_backward(grad_output, input, weight, bias, mean, invstd, num_groups,
+                         output_mask):
+    with torch.no_grad():
+        grads = normalize.group_norm_backward(kernels.primitives(input), grad_output, input,
+                                              weight, bias, mean, invstd, num_groups,
+                                              output_mask)
+    return tuple(_or_empty(g, input) for g in grads)
+
+
+def _layer_norm(input, normalized_ndim, weight, bias, eps):
+    with torch.no_grad():
+        return normalize.layer_norm_forward(kernels.primitives(input), input, normalized_ndim,
+                                            weight, bias, eps)
+
+
+def _layer_norm_backward(grad_output, input, normalized_ndim, weight, bias, mean, invstd,
+                         output_mask):
+    with torch.no_grad():
+        grads = normalize.layer_norm_backward(kernels.primitives(input), grad_output, input,
+                                              normalized_ndim, weight, bias, mean, invstd,
+                                              output_mask)
+    return tuple(_or_empty(g, input) for g in grads)
+
+
+for _name, _impl in (("batch_norm", _batch_norm), ("batch_norm_backward", _batch_norm_backward),
+                     ("update_running_stats_", update_running_stats),
+                     ("group_norm", _group_norm), ("group_norm_backward", _group_norm_backward),
+                     ("layer_norm", _layer_norm), ("layer_norm_backward", _layer_norm_backward)):
+    _lib.impl(_name, _impl, "CompositeExplicitAutograd")
+
+
+# Fake kernels: shapes, dtypes and memory order of the outputs, without data.
+
+def _like_output(input: Tensor, axis: int) -> Tensor:
+    """The output's memory order follows the kernels' view of the input."""
+    if layout.is_channels_last(input, axis):
+        return torch.empty_like(input)
+    return input.new_empty(input.shape)
+
+
+def _fake_grads(input, weight, bias, output_mask, axis):
+    return (_like_output(input, axis) if output_mask[0] else input.new_empty((0,)),
+            weight.new_empty(weight.shape) if output_mask[1] and weight is not None
+            else input.new_empty((0,)),
+            bias.new_empty(bias.shape) if output_mask[2] and bias is not None
+            else input.new_empty((0,)))
+
+
+@torch.library.register_fake("batchnorm::batch_norm")
+def _(input, weight, bias, running_mean, running_var, training, eps, axis=1, chunk=0,
+      activation="identity", activation_param=0.0, renorm_clipping=None, renorm_mean=None,
+      renorm_var=None):
+    channels = input.shape[axis]
+    chunks = 1
+    if training and chunk and input.numel() != 0:
+        chunks = (input.shape[0] + chunk - 1) // chunk
+    stat = input.new_empty((chunks, channels), dtype=accumulation_dtype(input.dtype))
+    renorm = training and renorm_clipping is not None
+    rd_shape = (chunks, channels) if renorm else (0,)
+    return (_like_output(input, axis), stat, torch.empty_like(stat),
+            stat.new_empty(rd_shape), stat.new_empty(rd_shape))
+
+
+@torch.library.register_fake("batchnorm::batch_norm_backward")
+def _(grad_output, input, weight, bias, mean, var, renorm_r, renorm_d, training, eps, axis,
+      chunk, activation, activation_param, output_mask):
+    return _fake_grads(input, weight, bias, output_mask, axis)
+
+
+@torch.library.register_fake("batchnorm::update_running_stats_")
+def _(running_mean, running_var, num_batches_tracked, mean, var, count, last_count, momentum):
+    return None
+
+
+@torch.library.register_fake("batchnorm::group_norm")
+def _(input, weight, bias, num_groups, eps):
+    stat = input.new_empty((input.shape[0], num_groups),
+                           dtype=accumulation_dtype(input.dtype))
+    return _like_output(input, 1), stat, torch.empty_like(stat)
+
+
+@torch.library.register_fake("batchnorm::group_norm_backward")
+def _(grad_output, input, weight, bias, mean, invstd, num_groups, output_mask):
+    return _fake_grads(input, weight, bias, output_mask, 1)
+
+
+@torch.library.register_fake("batchnorm::layer_norm")
+def _(input, normalized_ndim, weight, bias, eps):
+    rows = 1
+    for size in input.shape[:input.dim() - normalized_ndim]:
+        rows = rows * size
+    stat = input.new_empty((rows,), dtype=accumulation_dtype(input.dtype))
+    return input.new_empty(input.shape), stat, torch.empty_like(stat)
+
+
+@torch.library.register_fake("batchnorm::layer_norm_backward")
+def _(grad_output, input, normalized_ndim, weight, bias, mean, invstd, output_mask):
+    grads = _fake_grads(input, weight, bias, output_mask, 1)
+    return (input.new_empty(input.shape) if output_mask[0] else grads[0], *grads[1:])
+
+
+# Autograd formulas: the backward operators; double backward differentiates the core on
+# the reference primitives.
+
+def _grads_or_none(grads, needs):
+    return tuple(g if need else None for g, need in zip(grads, needs, strict=True))
+
+
+# Differentiable backward (create_graph=True): the core on the reference primitives,
+# differentiated by autograd, registered as CompositeImplicitAutograd so that autograd
+# records the ops it runs. Saved statistics are recomputed from the input (they depend on
+# it); Batch Renormalization's r and d are constants, replayed.
+
+def _second_order(forward, grad_output, tensors, output_mask):
+    """``vjp(forward)(grad_output)`` for the masked ``tensors``, itself differentiable."""
+    wanted = [t for t, need in zip(tensors, output_mask, strict=True)
+              if need and t is not None]
+    grads = iter(torch.autograd.grad(forward(), wanted, grad_output, create_graph=True,
+                                     allow_unused=True, materialize_grads=True))
+    return tuple(next(grads) if need and t is not None else tensors[0].new_empty((0,))
+                 for t, need in zip(tensors, output_mask, strict=True))
+
+
+def _batch_norm_backward_differentiable(grad_output, input, weight, bias, mean, var, renorm_r,
+                                        renorm_d, training, eps, axis, chunk, activation,
+                                        activation_param, output_mask):
+    return _second_order(lambda: normalize.batch_norm_forward(
+        reference, input, weight, bias, mean.view(-1), var.view(-1), training, eps, axis,
+        chunk, activation, activation_param, None, None, None, check=False,
+        renorm_rd=(renorm_r, renorm_d) if renorm_r.numel() else None)[0],
+        grad_output, (input, weight, bias), output_mask)
+
+
+def _group_norm_backward_differentiable(grad_output, input, weight, bias, mean, invstd,
+                                        num_groups, eps, output_mask):
+    return _second_order(lambda: normalize.group_norm_forward(
+        reference, input, weight, bias, num_groups, eps)[0], grad_output,
+        (input, weight, bias), output_mask)
+
+
+def _layer_norm_backward_differentiable(grad_output, input, normalized_ndim, weight, bias,
+                                        eps, output_mask):
+    return _second_order(lambda: normalize.layer_norm_forward(
+        reference, input, normalized_ndim, weight, bias, eps)[0], grad_output,
+        (input, weight, bias), output_mask)
+
+
+for _name, _impl in (("batch_norm_backward_differentiable", _batch_norm_backward_differentiable),
+                     ("group_norm_backward_differentiable", _group_norm_backward_differentiable),
+                     ("layer_norm_backward_differentiable", _layer_norm_backward_differentiable)):
+    _lib.impl(_name, _impl, "CompositeImplicitAutograd")
+
+
+# Autograd formulas: the backward operators, or their differentiable twins when the
+# backward itself is being differentiated.
+
+def _setup_batch_norm(ctx, inputs, output):
+    (input, weight, bias, _, _, training, eps, axis, chunk, activation, activation_param,
+     _, _, _) = inputs
+    _, mean, var, r, d = output
+    ctx.mark_non_differentiable(mean, var, r, d)
+    ctx.save_for_backward(input, weight, bias, mean, var, r, d)
+    ctx.options = (training, eps, axis, chunk, activation, activation_param)
+
+
+def _backward_batch_norm(ctx, grad_output, *_):
+    input, weight, bias, mean, var, r, d = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:3])
+    backward = (torch.ops.batchnorm.batch_norm_backward_differentiable
+                if torch.is_grad_enabled() else torch.ops.batchnorm.batch_norm_backward)
+    grads = backward.default(grad_output, input, weight, bias, mean, var, r, d, *ctx.options,
+                             needs)
+    return (*_grads_or_none(grads, needs), *(None,) * 11)
+
+
+def _setup_group_norm(ctx, inputs, output):
+    input, weight, bias, num_groups, eps = inputs
+    _, mean, invstd = output
+    ctx.mark_non_differentiable(mean, invstd)
+    ctx.save_for_backward(input, weight, bias, mean, invstd)
+    ctx.options = (num_groups, eps)
+
+
+def _backward_group_norm(ctx, grad_output, *_):
+    input, weight, bias, mean, invstd = ctx.saved_tensors
+    num_groups, eps = ctx.options
+    needs = list(ctx.needs_input_grad[:3])
+    if torch.is_grad_enabled():
+        grads = torch.ops.batchnorm.group_norm_backward_differentiable.default(
+            grad_output, input, weight, bias, mean, invstd, num_groups, eps, needs)
+    else:
+        grads = torch.ops.batchnorm.group_norm_backward.default(
+            grad_output, input, weight, bias, mean, invstd, num_groups, needs)
+    return (*_grads_or_none(grads, needs), None, None)
+
+
+def _setup_layer_norm(ctx, inputs, output):
+    input, normalized_ndim, weight, bias, eps = inputs
+    _, mean, invstd = output
+    ctx.mark_non_differentiable(mean, invstd)
+    ctx.save_for_backward(input, weight, bias, mean, invstd)
+    ctx.options = (normalized_ndim, eps)
+
+
+def _backward_layer_norm(ctx, grad_output, *_):
+    input, weight, bias, mean, invstd = ctx.saved_tensors
+    normalized_ndim, eps = ctx.options
+    needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]]
+    if torch.is_grad_enabled():
+        grads = torch.ops.batchnorm.layer_norm_backward_differentiable.default(
+            grad_output, input, normalized_ndim, weight, bias, eps, needs)
+    else:
+        grads = torch.ops.batchnorm.layer_norm_backward.default(
+            grad_output, input, normalized_ndim, weight, bias, mean, invstd, needs)
+    grads = _grads_or_none(grads, needs)
+    return grads[0], None, grads[1], grads[2], None
+
+
+torch.library.register_autograd("batchnorm::batch_norm", _backward_batch_norm,
+                                setup_context=_setup_batch_norm)
+torch.library.register_autograd("batchnorm::group_norm", _backward_group_norm,
+                                setup_context=_setup_group_norm)
+torch.library.register_autograd("batchnorm::layer_norm", _backward_layer_norm,
+                                setup_context=_setup_layer_norm)
+
+batch_norm = torch.ops.batchnorm.batch_norm.default
+group_norm = torch.ops.batchnorm.group_norm.default
+layer_norm = torch.ops.batchnorm.layer_norm.default
+update_running_stats_ = torch.ops.batchnorm.update_running_stats_.default

@@ -1,0 +1,148 @@
+"""``batchnorm bench --device cuda`` without a GPU: its case list (dry run), and the
+primitive compositions it times as "ours" against torch autograd in float64: outputs,
+input/weight/bias/residual gradients, and running statistics over several steps.
+
+The compositions run on the reference primitives (fast) and, on tiny shapes, on the Triton
+kernels (under Triton's interpreter without a GPU; skipped loudly without triton)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from batchnorm.bench import cuda
+from batchnorm.kernels import reference
+
+STEPS = 3
+
+
+def test_dry_run_lists_the_suite_without_a_gpu(capsys):
+    assert cuda.main(["--dry-run"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    suite = cuda.cases()
+    assert len(lines) == len(suite) + 1  # header + one row per case
+    labels = {(case.family, case.layout, case.dtype) for case in suite}
+    for layout in ("NCHW", "NHWC"):
+        for dtype in (torch.float32, torch.bfloat16):
+            assert ("batch_norm", layout, dtype) in labels
+            assert ("fused", layout, dtype) in labels
+        assert ("ghost", layout, torch.float32) in labels
+        assert ("renorm", layout, torch.float32) in labels
+    assert {case.family for case in suite} >= {"layer_norm", "group_norm"}
+    assert sum(case.residual for case in suite) >= 4
+    bn = suite[0]
+    assert bn.shape == (cuda.BATCH, 64, 112, 112) and bn.passes == 5
+    assert bn.bytes_moved() == 5 * 4 * cuda.BATCH * 64 * 112 * 112
+
+
+def test_filter_selects_and_rejects(capsys):
+    assert cuda.main(["--dry-run", "--filter", "LayerNorm 4096x4096 bfloat16"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert len(lines) == 2 and "4096x4096 | bfloat16 | rows" in lines[1]
+    with pytest.raises(SystemExit, match="matches no case"):
+        cuda.main(["--dry-run", "--filter", "no such case"])
+
+
+TINY = [cuda.CudaCase("batch_norm", (4, 3, 2, 3), torch.float64),
+        cuda.CudaCase("batch_norm", (4, 3, 2, 3), torch.float64, channels_last=True),
+        cuda.CudaCase("fused", (4, 3, 2, 3), torch.float64, True, "silu", residual=True),
+        cuda.CudaCase("fused", (4, 3, 2, 3), torch.float64, False, "relu", residual=True),
+        cuda.CudaCase("ghost", (5, 3, 2, 3), torch.float64, ghost=2),
+        cuda.CudaCase("ghost", (5, 3, 2, 3), torch.float64, True, "elu", ghost=2),
+        cuda.CudaCase("renorm", (4, 3, 2, 3), torch.float64, True, "relu"),
+        cuda.CudaCase("layer_norm", (6, 10), torch.float64),
+        cuda.CudaCase("group_norm", (3, 4, 2, 3), torch.float64, groups=2),
+        cuda.CudaCase("batch_norm", (4, 3, 2, 3), torch.float64, True, "relu", mode="eval")]
+
+
+def torch_run(case: cuda.CudaCase, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The eager forward of the case with autograd, in float64."""
+    leaves = {name: tensors[name].detach().double().requires_grad_()
+              for name in ("x", "weight", "bias", "residual") if name in tensors}
+    y = cuda.eager_forward(case)(leaves["x"], leaves["weight"], leaves["bias"],
+                                 tensors["running_mean"], tensors["running_var"],
+                                 leaves.get("residual"))
+    if case.mode == "eval":
+        return {"y": y}
+    y.backward(tensors["dy"].double())
+    out = {"y": y, **{f"{name}_grad": leaf.grad for name, leaf in leaves.items()}}
+    return out
+
+
+def check_case(prims, case: cuda.CudaCase, dtype: torch.dtype, rtol: float) -> None:
+    """STEPS steps of ``ours`` (in ``dtype``) and of torch (float64) on fresh data each step,
+    both updating their own running statistics."""
+    generator = torch.Generator().manual_seed(0)
+    ours_state = torch_state = None
+    for step in range(STEPS):
+        tensors = case.tensors(torch.device("cpu"), generator)
+        for name in ("x", "dy", "residual"):
+            if name in tensors:
+                tensors[name] = (tensors[name] * (1 + step) + step).to(dtype)
+        if ours_state is None:  # running statistics away from (0, 1): renorm's r and d act
+            channels = tensors["running_mean"].shape[0]
+            start = {"running_mean": 0.3 * torch.randn(channels, generator=generator),
+                     "running_var": torch.rand(channels, generator=generator) + 0.5}
+            ours_state = {k: v.to(reference.accumulation_dtype(dtype)) for k, v in start.items()}
+            torch_state = {k: v.double() for k, v in start.items()}
+        ours_tensors = {**tensors, **ours_state}
+        if dtype != torch.float64:
+            for name in ("weight", "bias"):
+                ours_tensors[name] = tensors[name].float()
+        result = cuda.ours_step(prims, case, ours_tensors)()
+        expected = torch_run(case, {**tensors, **torch_state})
+        result = {"y": result} if case.mode == "eval" else result
+        assert result.keys() == expected.keys()
+        for name, value in expected.items():
+            actual = result[name]
+            assert actual.shape == value.shape, name
+            if name.endswith("_grad") and name not in ("weight_grad", "bias_grad"):
+                assert actual.stride() == tensors[name.removesuffix("_grad")].stride(), name
+            scale = value.abs().max().clamp_min(1.0)
+            error = (actual.double() - value).abs().max()
+            assert error <= rtol * scale, f"step {step} {name}: {error:.3g} > {rtol} * {scale:.3g}"
+        if case.family in ("batch_norm", "fused", "renorm") and case.mode == "train":
+            for name in ("running_mean", "running_var"):
+                assert torch.allclose(ours_state[name].double(), torch_state[name],
+                                      rtol=rtol, atol=rtol), name
+
+
+@pytest.mark.parametrize("case", TINY, ids=lambda case: f"{case.name}-{case.layout}")
+def test_reference_compositions_match_torch_autograd(case):
+    check_case(reference, case, torch.float64, 1e-10)
+
+
+@pytest.fixture(scope="module")
+def triton_prims():
+    from batchnorm.kernels import triton_kernels
+    if triton_kernels.IMPORT_ERROR is not None:
+        reason = f"TRITON NOT INSTALLED ({triton_kernels.IMPORT_ERROR}): pip install " \
+                 "'batchnorm[cuda]'"
+        if os.environ.get("BATCHNORM_REQUIRE_TRITON") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    if not triton_kernels.available("cpu"):
+        pytest.fail("Triton kernels built without the interpreter: TRITON_INTERPRET=1 must be "
+                    "set before they are imported")
+    return triton_kernels
+
+
+@pytest.mark.parametrize("case", [TINY[2], TINY[4], TINY[6], TINY[7], TINY[8]],
+                         ids=lambda case: f"{case.name}-{case.layout}")
+def test_triton_compositions_match_torch_autograd_in_float32(triton_prims, case):
+    check_case(triton_prims, case, torch.float32, 2e-5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_a_run_without_a_gpu_says_what_it_needs():
+    with pytest.raises(SystemExit, match="needs a CUDA GPU and the 'cuda' extra"):
+        cuda.main(["--filter", "LayerNorm 8192x768 float32"])
+
+
+def test_bench_cli_routes_device_cuda_to_the_gpu_suite(capsys):
+    from batchnorm.cli import main
+
+    assert main(["bench", "--device", "cuda", "--dry-run"]) == 0
+    assert "GroupNorm (32)" in capsys.readouterr().out

@@ -1,0 +1,100 @@
+"""The public layers against torch.nn in float64 on the same float32 values, with data that
+makes each term matter: a large eps (0.5, so dropping it or adding it twice moves outputs
+by ~20 %), a mean offset of 1e4, a constant channel and a constant row. Outputs, input and
+parameter gradients, and running statistics over three steps.
+
+Each backend is reached through the public layers by running this file under it:
+``make test`` runs it by default (the compiled operators), with ``BATCHNORM_BACKEND=torch``
+(the composite operators on the reference primitives) and with ``BATCHNORM_BACKEND=triton``
+(the composite operators on the Triton kernels, under Triton's interpreter without a GPU).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import batchnorm
+from batchnorm import kernels
+from batchnorm.kernels import reference
+
+EPS = 0.5
+
+
+def _data(shape: tuple[int, ...], offset: float, channels_last: bool = False) -> torch.Tensor:
+    """float32 values with a mean offset, one constant channel and one constant sample."""
+    generator = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, generator=generator, dtype=torch.float64) * 2 + offset
+    x[:, 0] = offset + 0.5  # a constant channel
+    x[1] = offset - 0.25  # a constant sample (row / instance / group)
+    x = x.float()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def _affine(layer: nn.Module) -> nn.Module:
+    """Parameters that are not ones and zeros, so that both terms of the affine matter."""
+    with torch.no_grad():
+        for name, param in layer.named_parameters():
+            param.copy_(torch.linspace(0.5, 1.5, param.numel()).view_as(param)
+                        if name == "weight" else torch.linspace(-1, 1, param.numel())
+                        .view_as(param))
+    return layer
+
+
+CASES = {
+    "batch_norm NCHW": (lambda: nn.BatchNorm2d(4, eps=EPS), (6, 4, 5, 5), False),
+    "batch_norm channels_last": (lambda: nn.BatchNorm2d(4, eps=EPS), (6, 4, 5, 5), True),
+    "batch_norm (N, C)": (lambda: nn.BatchNorm1d(40, eps=EPS), (32, 40), False),
+    "batch_norm (N, C, L)": (lambda: nn.BatchNorm1d(4, eps=EPS), (5, 4, 33), False),
+    "instance_norm": (lambda: nn.InstanceNorm2d(4, eps=EPS, affine=True,
+                                                track_running_stats=True), (3, 4, 6, 5),
+                      False),
+    "instance_norm channels_last": (lambda: nn.InstanceNorm2d(4, eps=EPS, affine=True,
+                                                              track_running_stats=True),
+                                    (3, 4, 6, 5), True),
+    "group_norm": (lambda: nn.GroupNorm(2, 4, eps=EPS), (3, 4, 6, 5), False),
+    "group_norm channels_last": (lambda: nn.GroupNorm(2, 4, eps=EPS), (3, 4, 6, 5), True),
+    "layer_norm": (lambda: nn.LayerNorm((4, 7), eps=EPS), (3, 5, 4, 7), False),
+}
+
+
+def test_the_forced_backend_runs():
+    """A forced compiled backend that cannot run would silently test the reference."""
+    forced = kernels.forced_backend()
+    if forced in ("cpp", "triton"):
+        assert kernels.primitives(torch.zeros(1)) is not reference, forced
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e4], ids=["centred", "offset-1e4"])
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_layers_match_float64_torch_nn(case, offset):
+    """Outputs within 1e-3 (the offset-1e4 bar: a float32 mean is exact to 5e-4 there),
+    input gradients within 1e-3 relative + 1e-3, parameter gradients within 1e-3 of their
+    largest magnitude (a sum over up to 165 values each carrying the mean's rounding;
+    torch.nn's own float32 layer misses float64 by 8e-4 of it on the (N, C) case), running
+    statistics within 1e-5 relative + 1e-3 (the running mean carries the offset)."""
+    make, shape, channels_last = case
+    reference64 = _affine(make()).double()
+    ours = batchnorm.convert(copy.deepcopy(_affine(make())))
+    for step in range(3):
+        x = _data(shape, offset + step, channels_last).requires_grad_()
+        x64 = x.detach().double().requires_grad_()
+        y = ours(x)
+        y.backward(torch.cos(y.detach()))
+        y64 = reference64(x64)
+        y64.backward(torch.cos(y.detach().double()))
+        torch.testing.assert_close(y.double(), y64.detach(), rtol=0, atol=1e-3)
+        torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-3, atol=1e-3)
+        for (name, p), p64 in zip(ours.named_parameters(), reference64.parameters(),
+                                  strict=True):
+            torch.testing.assert_close(p.grad.double(), p64.grad, rtol=0,
+                                       atol=1e-3 * float(p64.grad.abs().max()), msg=name)
+            p.grad = p64.grad = None
+    for name, buffer in reference64.named_buffers():
+        torch.testing.assert_close(getattr(ours, name).to(buffer.dtype), buffer, rtol=1e-5,
+                                   atol=1e-3, msg=name)

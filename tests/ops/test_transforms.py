@@ -1,0 +1,219 @@
+"""Everything that works with torch.nn's layers works with ours: torch.compile without
+graph breaks, torch.export, FX, torch.jit.trace, torch.func, autocast and the profiler,
+each checked against the same model built from torch.nn layers."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import batchnorm
+
+
+def _model() -> nn.Module:
+    """Every family in one small network: BN with channels-last-friendly convs, GN, IN,
+    LN, and a BN1d head."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.InstanceNorm2d(8, affine=True,
+                                                         track_running_stats=True),
+        nn.Flatten(), nn.LayerNorm(8 * 6 * 6), nn.Linear(8 * 6 * 6, 16), nn.BatchNorm1d(16),
+        nn.Linear(16, 4))
+
+
+def _pair() -> tuple[nn.Module, nn.Module]:
+    reference = _model()
+    ours = batchnorm.convert(copy.deepcopy(reference))
+    return reference, ours
+
+
+def _input(batch: int = 4) -> torch.Tensor:
+    return torch.randn(batch, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+
+
+def _assert_states_close(ours: nn.Module, reference: nn.Module, **tol: float) -> None:
+    """Every tensor of ``ours`` (a traced module keeps only those its graph uses) equals the
+    reference's of the same name."""
+    expected = reference.state_dict()
+    for name, value in ours.state_dict().items():
+        torch.testing.assert_close(value, expected[name], msg=name, **tol)
+
+
+TOL = {"rtol": 1e-4, "atol": 1e-5}
+
+
+@pytest.mark.parametrize("decompose", [True, False], ids=["decomposed", "operators"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_compile_fullgraph_matches_torch_nn_with_no_graph_breaks(training, decompose,
+                                                                 monkeypatch):
+    """Both ways to compile: plain layers as traceable torch ops (the default, which
+    Inductor fuses), or every layer as our operators."""
+    monkeypatch.setattr(batchnorm.functional, "DECOMPOSE_UNDER_COMPILE", decompose)
+    reference, ours = _pair()
+    reference.train(training)
+    ours.train(training)
+    x = _input()
+    explanation = torch._dynamo.explain(copy.deepcopy(ours))(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    targets = {str(node.target) for graph in explanation.graphs for node in graph.graph.nodes}
+    # InstanceNorm (chunks of one sample) is a variant: an operator either way
+    assert ("batchnorm.batch_norm.default" in targets) is True
+    assert ("batchnorm.layer_norm.default" in targets) is not decompose
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    for _ in range(2):  # running statistics over two steps
+        y_ours, y_ref = compiled(x), reference(x)
+        torch.testing.assert_close(y_ours, y_ref, **TOL)
+        if training:
+            y_ours.square().sum().backward()
+            y_ref.square().sum().backward()
+    _assert_states_close(ours, reference, **TOL)
+    if training:
+        for (name, a), (_, b) in zip(ours.named_parameters(), reference.named_parameters(),
+                                     strict=True):
+            torch.testing.assert_close(a.grad, b.grad, msg=name, rtol=1e-3, atol=1e-4)
+
+
+def test_inductor_compiles_a_converted_training_step():
+    """The default (decomposed) path under Inductor, buffers included."""
+    reference, ours = _pair()
+    x = _input()
+    compiled = torch.compile(ours, fullgraph=True)
+    y_ours, y_ref = compiled(x), reference(x)
+    torch.testing.assert_close(y_ours, y_ref, **TOL)
+    y_ours.sum().backward()
+    y_ref.sum().backward()
+    torch.testing.assert_close(ours[0].weight.grad, reference[0].weight.grad, rtol=1e-3,
+                               atol=1e-4)
+    _assert_states_close(ours, reference, **TOL)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_export_matches_torch_nn_and_updates_buffers_in_training(training):
+    reference, ours = _pair()
+    reference.train(training)
+    ours.train(training)
+    x = _input()
+    program = torch.export.export(ours, (x,))
+    targets = {str(node.target) for node in program.graph.nodes}
+    assert "batchnorm.batch_norm.default" in targets
+    exported = program.module()
+    torch.testing.assert_close(exported(x), reference(x), **TOL)
+    if training:
+        decomposed = program.run_decompositions()
+        mutated = set(decomposed.graph_signature.buffers_to_mutate.values())
+        assert {"1.running_mean", "1.running_var", "1.num_batches_tracked"} <= mutated
+
+
+def test_fx_symbolic_trace_records_one_node_per_layer():
+    reference, ours = _pair()
+    traced = torch.fx.symbolic_trace(ours)
+    calls = [node for node in traced.graph.nodes if node.op == "call_function"]
+    assert {node.target.__name__ for node in calls} >= {"batch_norm", "group_norm",
+                                                        "layer_norm"}
+    x = _input()
+    torch.testing.assert_close(traced(x), reference(x), **TOL)
+    _assert_states_close(traced, reference, **TOL)
+
+
+def test_jit_trace_of_an_eval_model_saves_and_loads(tmp_path):
+    reference, ours = _pair()
+    reference.eval()
+    ours.eval()
+    x = _input()
+    traced = torch.jit.trace(ours, x)
+    traced.save(tmp_path / "model.pt")
+    loaded = torch.jit.load(tmp_path / "model.pt")
+    torch.testing.assert_close(loaded(x), reference(x), **TOL)
+
+
+def test_func_grad_through_functional_call_with_batch_norm_replaced():
+    reference, ours = _pair()
+    for model in (reference, ours):
+        torch.func.replace_all_batch_norm_modules_(model)
+    x = _input()
+
+    def loss(model):
+        def of(params):
+            return torch.func.functional_call(model, params, (x,)).square().sum()
+        return of
+
+    grads = torch.func.grad(loss(ours))(dict(ours.named_parameters()))
+    expected = torch.func.grad(loss(reference))(dict(reference.named_parameters()))
+    for name, value in expected.items():
+        torch.testing.assert_close(grads[name], value, msg=name, rtol=1e-3, atol=1e-4)
+
+
+def test_vmap_per_sample_gradients_in_eval():
+    reference, ours = _pair()
+    for model in (reference, ours):
+        model.eval()
+    x = _input(3)
+
+    def per_sample(model):
+        params = {name: p.detach() for name, p in model.named_parameters()}
+        buffers = dict(model.named_buffers())
+
+        def loss(params, sample):
+            out = torch.func.functional_call(model, (params, buffers), (sample.unsqueeze(0),))
+            return out.square().sum()
+
+        return torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+
+    grads, expected = per_sample(ours), per_sample(reference)
+    for name, value in expected.items():
+        torch.testing.assert_close(grads[name], value, msg=name, rtol=1e-3, atol=1e-4)
+
+
+def test_jvp_matches_torch_nn():
+    """Batch statistics without running buffers (torch.nn's layer cannot count batches
+    under jvp either)."""
+    x = torch.randn(6, 4, 5, dtype=torch.float64)
+    tangent = torch.randn_like(x)
+    no_stats = {"track_running_stats": False, "dtype": torch.float64}
+    for ours, reference in ((batchnorm.BatchNorm1d(4, **no_stats), nn.BatchNorm1d(4, **no_stats)),
+                            (batchnorm.GroupNorm(2, 4).double(), nn.GroupNorm(2, 4).double()),
+                            (batchnorm.LayerNorm(5).double(), nn.LayerNorm(5).double())):
+        out, derivative = torch.func.jvp(ours, (x,), (tangent,))
+        expected_out, expected_derivative = torch.func.jvp(reference, (x,), (tangent,))
+        torch.testing.assert_close(out, expected_out)
+        torch.testing.assert_close(derivative, expected_derivative)
+
+
+def test_autocast_bfloat16_matches_torch_nn():
+    reference, ours = _pair()
+    x = _input()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ours, y_ref = ours(x), reference(x)
+    assert y_ours.dtype == y_ref.dtype
+    torch.testing.assert_close(y_ours.float(), y_ref.float(), rtol=0.05, atol=0.05)
+    y_ours.float().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in ours.parameters())
+
+
+def test_profiler_shows_the_operator_names():
+    _, ours = _pair()
+    x = _input()
+    with torch.profiler.profile() as profile:
+        ours(x).sum().backward()
+    names = {event.name for event in profile.events()}
+    assert {"batchnorm::batch_norm", "batchnorm::batch_norm_backward",
+            "batchnorm::update_running_stats_", "batchnorm::group_norm",
+            "batchnorm::layer_norm"} <= names
+
+
+def test_compiled_decomposition_rejects_a_nan_batch_and_keeps_every_buffer():
+    layer = batchnorm.BatchNorm1d(3, momentum=None)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    compiled(torch.randn(4, 3))
+    before = {name: t.clone() for name, t in layer.state_dict().items()}
+    x = torch.randn(4, 3)
+    x[0, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="NaN or infinity"):
+        compiled(x)
+    for name, value in layer.state_dict().items():
+        assert torch.equal(value, before[name]), name
