@@ -192,6 +192,25 @@ def test_channel_backward_input_matches_reference_and_float64(shape, chunk, dtyp
           OUTPUT_RTOL[dtype], size)
 
 
+def test_long_groups_summed_in_row_blocks_match_float64():
+    (shape, chunk) = LONG_GROUPS
+    x = sample(shape, torch.float32, offset=3.0)
+    dy = sample(shape, torch.float32, offset=0.0)
+    mean, var = cpu.channel_stats(x, chunk)
+    mean64, var64 = stats64(x, chunk)
+    close(mean, mean64, 2e-5)
+    close(var, var64, 2e-5)
+    scale, shift = torch.rand_like(mean) + 0.5, torch.randn_like(mean)
+    sum_g, sum_g_xc = cpu.channel_backward_reduce(dy, x, mean, scale, shift, chunk, "relu", 0.0)
+    rows = shape[0]
+    centered = x.double() - per_row64(mean, rows, chunk)
+    g = gated64(dy, centered * per_row64(scale, rows, chunk) + per_row64(shift, rows, chunk),
+                "relu", 0.0)
+    close(sum_g, chunk_sums64(g, chunk), 2e-5, chunk_sums64(g.abs(), chunk))
+    close(sum_g_xc, chunk_sums64(g * centered, chunk), 2e-5,
+          chunk_sums64((g * centered).abs(), chunk))
+
+
 @pytest.mark.parametrize(("shape", "chunk"), [((500, 7, 1), 500), ((500, 7, 1), 64),
                                               ((40, 5, 4), 40), ((8, 3, 300), 8),
                                               ((8, 3, 300), 1)])
@@ -243,8 +262,10 @@ def test_nan_gradient_reaches_the_sums_of_its_group_only(shape, chunk):
         assert total.isfinite().all()
 
 
+# few (chunk, channel) items of many values: the rows of a group are split into blocks
+LONG_GROUPS = ((6, 2, 100_000), 6)
 DETERMINISM_CASES = [((3000, 24, 1), 3000), ((3000, 24, 1), 700), ((2000, 10, 3), 2000),
-                     ((16, 12, 300), 16), ((16, 12, 300), 3)]
+                     ((16, 12, 300), 16), ((16, 12, 300), 3), LONG_GROUPS]
 
 
 def under_threads(threads: int, function, *args):

@@ -12,107 +12,135 @@
 namespace batchnorm_cpu {
 namespace {
 
-// Calls body(out_offset, count, table_index_or_pointer...) for every vector of x:
-// segments(offset, count, item) with item = (group, channel) index into the tables, or
-// columns(offset, count, column_offset) with column_offset into the (chunks, C * Q) tables.
-template <int64_t width, typename Segment, typename Columns>
-void for_each_vector(const ChannelShape& s, const Segment& segment, const Columns& columns) {
-  const int64_t C = s.channels;
-  const int64_t Q = s.quantity;
+// Visits x in runs: op.segment(offset, Q, item) for every (row, channel) segment, item
+// indexing the (chunks, C) tables, or op.columns(offset, C * Q, table) for every row, table
+// the row's offset into the tables spread over the columns (per_column).
+template <typename Op>
+void for_each_run(const ChannelShape& s, Op op) {
+  const int64_t chunk = s.chunk;
   if (s.columns()) {
     const int64_t W = s.width();
-    const int64_t whole = W - W % width;
-    at::parallel_for(0, s.rows, grain_for(W), [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t table = (row / s.chunk) * W;
-        for (int64_t j = 0; j < whole; j += width) columns(row * W + j, width, table + j);
-        if (whole < W) columns(row * W + whole, W - whole, table + whole);
-      }
+    at::parallel_for(0, s.rows, grain_for(W), [=](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) op.columns(row * W, W, (row / chunk) * W);
     });
     return;
   }
-  const int64_t whole = Q - Q % width;
-  at::parallel_for(0, s.rows * C, grain_for(Q), [&](int64_t begin, int64_t end) {
+  const int64_t C = s.channels;
+  const int64_t Q = s.quantity;
+  // segments are short: step (row, channel) without a division per segment
+  at::parallel_for(0, s.rows * C, grain_for(Q), [=](int64_t begin, int64_t end) {
+    int64_t row = begin / C;
+    int64_t channel = begin - row * C;
+    int64_t table = (row / chunk) * C;
     for (int64_t index = begin; index < end; ++index) {
-      const int64_t row = index / C;
-      const int64_t item = (row / s.chunk) * C + (index - row * C);
-      const int64_t offset = index * Q;
-      for (int64_t i = 0; i < whole; i += width) segment(offset + i, width, item);
-      if (whole < Q) segment(offset + whole, Q - whole, item);
+      op.segment(index * Q, Q, table + channel);
+      if (++channel == C) {
+        channel = 0;
+        ++row;
+        table = (row / chunk) * C;
+      }
     }
   });
 }
 
-template <typename T, Activation A>
-void normalize_kernel(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& scale,
-                      const at::Tensor& shift, const ChannelShape& s, double param,
-                      at::Tensor& y) {
-  using L = Lanes<T>;
-  using acc_t = typename L::acc_t;
-  using Vec = typename L::Vec;
-  const T* x_data = x.const_data_ptr<T>();
-  T* y_data = y.mutable_data_ptr<T>();
-  const Vec param_vec(static_cast<acc_t>(param));
-  auto apply = [&](int64_t offset, int64_t count, const Vec& m, const Vec& a, const Vec& b) {
-    const Vec z = (L::load(x_data + offset, count) - m) * a + b;
-    L::store(y_data + offset, activation_forward<A>(z, param_vec), count);
-  };
-  const int64_t Q = s.quantity;
-  const at::Tensor mean_t = s.columns() ? per_column(mean, Q).contiguous() : mean;
-  const at::Tensor scale_t = s.columns() ? per_column(scale, Q).contiguous() : scale;
-  const at::Tensor shift_t = s.columns() ? per_column(shift, Q).contiguous() : shift;
-  const acc_t* m = mean_t.const_data_ptr<acc_t>();
-  const acc_t* a = scale_t.const_data_ptr<acc_t>();
-  const acc_t* b = shift_t.const_data_ptr<acc_t>();
-  for_each_vector<L::width>(
-      s,
-      [&](int64_t offset, int64_t count, int64_t item) {
-        apply(offset, count, Vec(m[item]), Vec(a[item]), Vec(b[item]));
-      },
-      [&](int64_t offset, int64_t count, int64_t t) {
-        apply(offset, count, Vec::loadu(m + t, count), Vec::loadu(a + t, count),
-              Vec::loadu(b + t, count));
-      });
+// The data of a map's tables, spread over the columns in the columns regime.
+template <typename acc_t, size_t N>
+std::array<const acc_t*, N> map_tables(const std::array<at::Tensor, N>& tables,
+                                       const ChannelShape& s,
+                                       std::array<std::vector<acc_t>, N>& storage) {
+  std::array<const acc_t*, N> data;
+  for (size_t k = 0; k < N; ++k) {
+    data[k] = tables[k].template const_data_ptr<acc_t>();
+    if (s.columns()) data[k] = per_column(data[k], s, storage[k]);
+  }
+  return data;
 }
 
+// y = act((x - mean) * scale + shift)
 template <typename T, Activation A>
-void backward_input_kernel(const at::Tensor& dy, const at::Tensor& x,
-                           const std::array<at::Tensor, 6>& tables, const ChannelShape& s,
-                           double param, at::Tensor& dx) {
+struct Normalize {
   using L = Lanes<T>;
   using acc_t = typename L::acc_t;
   using Vec = typename L::Vec;
-  const T* dy_data = dy.const_data_ptr<T>();
-  const T* x_data = x.const_data_ptr<T>();
-  T* dx_data = dx.mutable_data_ptr<T>();
-  const Vec param_vec(static_cast<acc_t>(param));
-  // tables: mean, scale, shift, k1, k0, k2
-  std::array<at::Tensor, 6> spread;
-  std::array<const acc_t*, 6> t{};
-  for (size_t k = 0; k < tables.size(); ++k) {
-    spread[k] = s.columns() ? per_column(tables[k], s.quantity).contiguous() : tables[k];
-    t[k] = spread[k].const_data_ptr<acc_t>();
+  const T* x;
+  T* y;
+  const acc_t* mean;
+  const acc_t* scale;
+  const acc_t* shift;
+  acc_t param;
+
+  void segment(int64_t offset, int64_t n, int64_t item) const {
+    const T* xs = x + offset;
+    T* ys = y + offset;
+    const Vec m(mean[item]), a(scale[item]), b(shift[item]), p(param);
+    over_run<L::width>(n, [=](int64_t i, int64_t count) {
+      L::store(ys + i, activation_forward<A>((L::load(xs + i, count) - m) * a + b, p), count);
+    });
   }
-  auto apply = [&](int64_t offset, int64_t count, const std::array<Vec, 6>& v) {
-    const Vec xc = L::load(x_data + offset, count) - v[0];
-    const Vec g = activation_backward<A>(L::load(dy_data + offset, count), xc * v[1] + v[2],
-                                         param_vec);
-    L::store(dx_data + offset, g * v[3] + v[4] + xc * v[5], count);
-  };
-  for_each_vector<L::width>(
-      s,
-      [&](int64_t offset, int64_t count, int64_t item) {
-        apply(offset, count,
-              {Vec(t[0][item]), Vec(t[1][item]), Vec(t[2][item]), Vec(t[3][item]),
-               Vec(t[4][item]), Vec(t[5][item])});
-      },
-      [&](int64_t offset, int64_t count, int64_t j) {
-        apply(offset, count,
-              {Vec::loadu(t[0] + j, count), Vec::loadu(t[1] + j, count),
-               Vec::loadu(t[2] + j, count), Vec::loadu(t[3] + j, count),
-               Vec::loadu(t[4] + j, count), Vec::loadu(t[5] + j, count)});
-      });
-}
+
+  void columns(int64_t offset, int64_t n, int64_t table) const {
+    const T* xs = x + offset;
+    T* ys = y + offset;
+    const acc_t* ms = mean + table;
+    const acc_t* as = scale + table;
+    const acc_t* bs = shift + table;
+    const Vec p(param);
+    over_run<L::width>(n, [=](int64_t i, int64_t count) {
+      const Vec z = (L::load(xs + i, count) - Vec::loadu(ms + i, count)) *
+                        Vec::loadu(as + i, count) + Vec::loadu(bs + i, count);
+      L::store(ys + i, activation_forward<A>(z, p), count);
+    });
+  }
+};
+
+// dx = g * k1 + k0 + (x - mean) * k2,  g = dy * act'((x - mean) * scale + shift)
+template <typename T, Activation A>
+struct BackwardInput {
+  using L = Lanes<T>;
+  using acc_t = typename L::acc_t;
+  using Vec = typename L::Vec;
+  const T* dy;
+  const T* x;
+  T* dx;
+  std::array<const acc_t*, 6> t;  // mean, scale, shift, k1, k0, k2
+  acc_t param;
+
+  static Vec value(const Vec& dy, const Vec& x, const Vec& m, const Vec& a, const Vec& b,
+                   const Vec& k1, const Vec& k0, const Vec& k2, const Vec& p) {
+    const Vec xc = x - m;
+    return activation_backward<A>(dy, xc * a + b, p) * k1 + k0 + xc * k2;
+  }
+
+  void segment(int64_t offset, int64_t n, int64_t item) const {
+    const T* dys = dy + offset;
+    const T* xs = x + offset;
+    T* dxs = dx + offset;
+    const Vec m(t[0][item]), a(t[1][item]), b(t[2][item]);
+    const Vec k1(t[3][item]), k0(t[4][item]), k2(t[5][item]), p(param);
+    over_run<L::width>(n, [=](int64_t i, int64_t count) {
+      L::store(dxs + i,
+               value(L::load(dys + i, count), L::load(xs + i, count), m, a, b, k1, k0, k2, p),
+               count);
+    });
+  }
+
+  void columns(int64_t offset, int64_t n, int64_t table) const {
+    const T* dys = dy + offset;
+    const T* xs = x + offset;
+    T* dxs = dx + offset;
+    const acc_t *m = t[0] + table, *a = t[1] + table, *b = t[2] + table;
+    const acc_t *k1 = t[3] + table, *k0 = t[4] + table, *k2 = t[5] + table;
+    const Vec p(param);
+    over_run<L::width>(n, [=](int64_t i, int64_t count) {
+      L::store(dxs + i,
+               value(L::load(dys + i, count), L::load(xs + i, count), Vec::loadu(m + i, count),
+                     Vec::loadu(a + i, count), Vec::loadu(b + i, count),
+                     Vec::loadu(k1 + i, count), Vec::loadu(k0 + i, count),
+                     Vec::loadu(k2 + i, count), p),
+               count);
+    });
+  }
+};
 
 }  // namespace
 
@@ -130,8 +158,13 @@ at::Tensor channel_normalize(const at::Tensor& x_in, const at::Tensor& mean_in,
   at::Tensor y = at::empty_like(x);
   if (x.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::array<std::vector<acc_t>, 3> storage;
+    const auto t = map_tables<acc_t, 3>({mean, scale, shift}, s, storage);
     dispatch_activation(act, [&](auto tag) {
-      normalize_kernel<scalar_t, decltype(tag)::value>(x, mean, scale, shift, s, param, y);
+      for_each_run(s, Normalize<scalar_t, decltype(tag)::value>{
+                          x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), t[0],
+                          t[1], t[2], static_cast<acc_t>(param)});
     });
   });
   return y;
@@ -161,8 +194,13 @@ at::Tensor channel_backward_input(const at::Tensor& dy_in, const at::Tensor& x_i
   at::Tensor dx = at::empty_like(x);
   if (x.numel() == 0) return dx;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::array<std::vector<acc_t>, 6> storage;
+    const auto data = map_tables<acc_t, 6>(tables, s, storage);
     dispatch_activation(act, [&](auto tag) {
-      backward_input_kernel<scalar_t, decltype(tag)::value>(dy, x, tables, s, param, dx);
+      for_each_run(s, BackwardInput<scalar_t, decltype(tag)::value>{
+                          dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                          dx.mutable_data_ptr<scalar_t>(), data, static_cast<acc_t>(param)});
     });
   });
   return dx;

@@ -14,25 +14,45 @@
 namespace batchnorm_cpu {
 namespace {
 
+// Adds rows [row, row + R) of the terms into the float column accumulators. Captures by
+// value (see over_run).
+template <int R, typename acc_t, typename Terms>
+inline void add_rows(const Terms terms, int64_t group, int64_t row, int64_t columns,
+                     acc_t* first, acc_t* second) {
+  using Vec = Vectorized<acc_t>;
+  over_run<Vec::size()>(columns, [=](int64_t j, int64_t count) {
+    auto [a, b] = terms(group, row, j, count);
+    if constexpr (R == 4) {
+      auto [a1, b1] = terms(group, row + 1, j, count);
+      auto [a2, b2] = terms(group, row + 2, j, count);
+      auto [a3, b3] = terms(group, row + 3, j, count);
+      a = (a + a1) + (a2 + a3);
+      b = (b + b1) + (b2 + b3);
+    }
+    (Vec::loadu(first + j) + a).store(first + j);
+    (Vec::loadu(second + j) + b).store(second + j);
+  });
+}
+
 // Column sums of two terms over each group's rows of the (P, W = C * Q) matrix:
 // terms(group, row, column, count) gives the pair of vectors for columns
 // [column, column + count) of one row (lanes past count zero); finish(group, first, second)
-// receives the double sums of the group's W (padded) columns.
+// receives the double sums of the group's W columns (arrays padded to the vector width, its
+// own to overwrite).
+// Each group's rows are split into row_blocks() blocks; a block sums in float over at most
+// kFlushRows rows at a time, then in double; blocks are merged in block order.
 template <typename acc_t, typename Terms, typename Finish>
-void column_sums(const ChannelShape& s, const Terms& terms, const Finish& finish) {
-  using Vec = Vectorized<acc_t>;
-  constexpr int64_t width = Vec::size();
+void column_sums(const ChannelShape& s, const Terms terms, const Finish& finish) {
   const int64_t columns = s.width();
-  const int64_t whole = columns - columns % width;
-  const int64_t padded = round_up(columns, width);
+  const int64_t padded = round_up(columns, Vectorized<acc_t>::size());
   const int64_t blocks = row_blocks(s.group_rows());
   std::vector<double> partial(blocks > 1 ? s.chunks * blocks * 2 * padded : 0);
 
   at::parallel_for(0, s.chunks * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(2 * padded);
+    std::vector<acc_t> acc(2 * padded, acc_t(0));  // zero again after every flush
     std::vector<double> own_total(blocks > 1 ? 0 : 2 * padded);
-    acc_t* acc_first = acc.data();
-    acc_t* acc_second = acc_first + padded;
+    acc_t* first = acc.data();
+    acc_t* second = first + padded;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t group = task / blocks;
       const int64_t block = task - group * blocks;
@@ -40,42 +60,34 @@ void column_sums(const ChannelShape& s, const Terms& terms, const Finish& finish
       const int64_t group_rows = s.end(group) - group_begin;
       const int64_t row_end = group_begin + (block + 1) * group_rows / blocks;
       double* total = blocks > 1 ? partial.data() + task * 2 * padded : own_total.data();
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      std::fill(total, total + 2 * padded, 0.0);
-
-      int64_t row = group_begin + block * group_rows / blocks;
+      bool flushed = false;
+      auto flush = [&, first, total] {
+        const int64_t n = 2 * padded;
+        if (flushed) {
+          for (int64_t k = 0; k < n; ++k) total[k] += static_cast<double>(first[k]);
+        } else {
+          for (int64_t k = 0; k < n; ++k) total[k] = static_cast<double>(first[k]);
+        }
+        std::fill(first, first + n, acc_t(0));
+        flushed = true;
+      };
       int64_t since_flush = 0;
-      while (row < row_end) {
+      for (int64_t row = group_begin + block * group_rows / blocks; row < row_end;) {
         if (row + 4 <= row_end) {
-          auto step = [&](int64_t j, int64_t count) {
-            auto [a0, b0] = terms(group, row, j, count);
-            auto [a1, b1] = terms(group, row + 1, j, count);
-            auto [a2, b2] = terms(group, row + 2, j, count);
-            auto [a3, b3] = terms(group, row + 3, j, count);
-            (Vec::loadu(acc_first + j) + ((a0 + a1) + (a2 + a3))).store(acc_first + j);
-            (Vec::loadu(acc_second + j) + ((b0 + b1) + (b2 + b3))).store(acc_second + j);
-          };
-          for (int64_t j = 0; j < whole; j += width) step(j, width);
-          if (whole < columns) step(whole, columns - whole);
+          add_rows<4>(terms, group, row, columns, first, second);
           row += 4;
           since_flush += 4;
         } else {
-          auto step = [&](int64_t j, int64_t count) {
-            auto [a, b] = terms(group, row, j, count);
-            (Vec::loadu(acc_first + j) + a).store(acc_first + j);
-            (Vec::loadu(acc_second + j) + b).store(acc_second + j);
-          };
-          for (int64_t j = 0; j < whole; j += width) step(j, width);
-          if (whole < columns) step(whole, columns - whole);
+          add_rows<1>(terms, group, row, columns, first, second);
           row += 1;
           since_flush += 1;
         }
         if (since_flush >= kFlushRows) {
-          flush_columns(acc_first, total, 2 * padded);
+          flush();
           since_flush = 0;
         }
       }
-      flush_columns(acc_first, total, 2 * padded);
+      if (since_flush > 0 || !flushed) flush();
       if (blocks == 1) finish(group, total, total + padded);
     }
   });
@@ -95,16 +107,78 @@ void column_sums(const ChannelShape& s, const Terms& terms, const Finish& finish
   }
 }
 
-// Sums of a channel's Q columns, in column order.
-inline std::pair<double, double> channel_total(const double* first, const double* second,
-                                               int64_t channel, int64_t quantity) {
-  double a = 0;
-  double b = 0;
-  for (int64_t q = channel * quantity; q < (channel + 1) * quantity; ++q) {
-    a += first[q];
-    b += second[q];
+// Sums of two terms per (group, channel) item over the long segments of a channels view:
+// add(sums, group, channel, row) adds the terms of one row's segment to a TwoSums;
+// finish(item, first, second) receives the item's double totals. When the items are few and
+// long, each group's rows are split into segment_blocks() blocks (a function of the shape),
+// merged in block order.
+template <typename acc_t, typename Add, typename Finish>
+void segment_sums(const ChannelShape& s, const Add& add, const Finish& finish) {
+  const int64_t C = s.channels;
+  const int64_t items = s.chunks * C;
+  const int64_t blocks = std::clamp<int64_t>(
+      s.group_rows() * s.quantity / kSegmentBlockValues, 1, std::min(s.group_rows(), kMaxBlocks));
+  auto block_sums = [&](int64_t item, int64_t block) {
+    const int64_t group = item / C;
+    const int64_t channel = item - group * C;
+    const int64_t begin = s.begin(group);
+    const int64_t rows = s.end(group) - begin;
+    TwoSums<acc_t> sums;
+    for (int64_t row = begin + block * rows / blocks; row < begin + (block + 1) * rows / blocks;
+         ++row) {
+      add(sums, group, channel, row);
+    }
+    sums.flush();
+    return std::pair<double, double>(sums.total_first, sums.total_second);
+  };
+  if (blocks == 1) {
+    at::parallel_for(0, items, grain_for(s.group_rows() * s.quantity),
+                     [&](int64_t begin, int64_t end) {
+                       for (int64_t item = begin; item < end; ++item) {
+                         auto [a, b] = block_sums(item, 0);
+                         finish(item, a, b);
+                       }
+                     });
+    return;
   }
-  return {a, b};
+  std::vector<std::pair<double, double>> partial(items * blocks);
+  at::parallel_for(0, items * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      partial[task] = block_sums(task / blocks, task % blocks);
+    }
+  });
+  for (int64_t item = 0; item < items; ++item) {
+    double a = 0;
+    double b = 0;
+    for (int64_t block = 0; block < blocks; ++block) {
+      a += partial[item * blocks + block].first;
+      b += partial[item * blocks + block].second;
+    }
+    finish(item, a, b);
+  }
+}
+
+// Sums each channel's Q adjacent columns into column `channel`, in place and in column order.
+inline void fold_columns(double* values, int64_t channels, int64_t quantity) {
+  if (quantity == 1) return;
+  for (int64_t c = 0; c < channels; ++c) {
+    double total = 0;
+    for (int64_t q = c * quantity; q < (c + 1) * quantity; ++q) total += values[q];
+    values[c] = total;
+  }
+}
+
+// mean = pivot + sum / n,  var = sum_sq / n - (sum / n)^2  from pivot-shifted sums over n
+// values (a plain loop over local pointers, so that it vectorizes).
+template <typename acc_t>
+void write_stats(const double* sum, const double* sum_sq, const acc_t* pivot, int64_t count,
+                 double inverse_n, acc_t* mean, acc_t* var) {
+  for (int64_t k = 0; k < count; ++k) {
+    const double shifted = sum[k] * inverse_n;
+    const double variance = sum_sq[k] * inverse_n - shifted * shifted;
+    mean[k] = static_cast<acc_t>(static_cast<double>(pivot[k]) + shifted);
+    var[k] = static_cast<acc_t>(variance < 0 ? 0.0 : variance);  // NaN stays NaN
+  }
 }
 
 template <typename T>
@@ -119,54 +193,56 @@ void stats_kernel(const at::Tensor& x, const ChannelShape& s, at::Tensor& mean,
   const int64_t C = s.channels;
   const int64_t Q = s.quantity;
 
-  auto write = [&](int64_t item, int64_t group, double pivot, double sum, double sum_sq) {
-    const double count = static_cast<double>((s.end(group) - s.begin(group)) * Q);
-    const double shifted = sum / count;
-    mean_data[item] = static_cast<acc_t>(pivot + shifted);
-    var_data[item] = static_cast<acc_t>(at_least_zero(sum_sq / count - shifted * shifted));
+  auto inverse_count = [&](int64_t group) {
+    return 1.0 / static_cast<double>((s.end(group) - s.begin(group)) * Q);
   };
 
   if (s.columns()) {
     const int64_t W = s.width();
     // pivot of (group, channel): the group's first value x[begin, channel, 0]
-    const at::Tensor pivots =
-        per_column(x.slice(0, 0, s.rows, s.chunk).select(2, 0).to(mean.scalar_type()), Q)
-            .contiguous();
-    const acc_t* pivot = pivots.const_data_ptr<acc_t>();
+    std::vector<acc_t> pivot_channels(s.chunks * C);
+    for (int64_t group = 0; group < s.chunks; ++group) {
+      for (int64_t c = 0; c < C; ++c) {
+        pivot_channels[group * C + c] = static_cast<acc_t>(data[(s.begin(group) * C + c) * Q]);
+      }
+    }
+    std::vector<acc_t> storage;
+    const acc_t* pivot = per_column(pivot_channels.data(), s, storage);
+    const acc_t* pivot_of_channel = pivot_channels.data();
     column_sums<acc_t>(
         s,
-        [&](int64_t group, int64_t row, int64_t j, int64_t count) {
-          const Vec d = L::load(data + row * W + j, count) - Vec::loadu(pivot + group * W + j, count);
+        [=](int64_t group, int64_t row, int64_t j, int64_t count) {
+          const Vec d = L::load(data + row * W + j, count) -
+                        Vec::loadu(pivot + group * W + j, count);
           return std::pair<Vec, Vec>(d, d * d);
         },
-        [&](int64_t group, const double* sum, const double* sum_sq) {
-          for (int64_t c = 0; c < C; ++c) {
-            auto [a, b] = channel_total(sum, sum_sq, c, Q);
-            write(group * C + c, group, pivot[group * W + c * Q], a, b);
-          }
+        [&](int64_t group, double* sum, double* sum_sq) {
+          fold_columns(sum, C, Q);
+          fold_columns(sum_sq, C, Q);
+          write_stats(sum, sum_sq, pivot_of_channel + group * C, C, inverse_count(group),
+                      mean_data + group * C, var_data + group * C);
         });
     return;
   }
 
-  at::parallel_for(0, s.chunks * C, grain_for(s.group_rows() * Q), [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t group = item / C;
-      const int64_t channel = item - group * C;
-      const acc_t pivot = static_cast<acc_t>(data[(s.begin(group) * C + channel) * Q]);
-      const Vec pivot_vec(pivot);
-      TwoSums<acc_t> sums;
-      for (int64_t row = s.begin(group); row < s.end(group); ++row) {
+  segment_sums<acc_t>(
+      s,
+      [&](TwoSums<acc_t>& sums, int64_t group, int64_t channel, int64_t row) {
+        const Vec pivot(static_cast<acc_t>(data[(s.begin(group) * C + channel) * Q]));
         const T* segment = data + (row * C + channel) * Q;
         sums.add(Q, [&](int64_t i, int64_t count) {
-          Vec d = L::load(segment + i, count) - pivot_vec;
+          Vec d = L::load(segment + i, count) - pivot;
           if (count != L::width) d = Vec::set(Vec(0), d, count);
           return std::pair<Vec, Vec>(d, d * d);
         });
-      }
-      sums.flush();
-      write(item, group, pivot, sums.total_first, sums.total_second);
-    }
-  });
+      },
+      [&](int64_t item, double sum, double sum_sq) {
+        const int64_t group = item / C;
+        const acc_t pivot =
+            static_cast<acc_t>(data[(s.begin(group) * C + item - group * C) * Q]);
+        write_stats(&sum, &sum_sq, &pivot, 1, inverse_count(group), mean_data + item,
+                    var_data + item);
+      });
 }
 
 template <typename T, Activation A>
@@ -187,15 +263,13 @@ void backward_reduce_kernel(const at::Tensor& dy, const at::Tensor& x, const at:
 
   if (s.columns()) {
     const int64_t W = s.width();
-    const at::Tensor mean_columns = per_column(mean, Q).contiguous();
-    const at::Tensor scale_columns = per_column(scale, Q).contiguous();
-    const at::Tensor shift_columns = per_column(shift, Q).contiguous();
-    const acc_t* mean_data = mean_columns.const_data_ptr<acc_t>();
-    const acc_t* scale_data = scale_columns.const_data_ptr<acc_t>();
-    const acc_t* shift_data = shift_columns.const_data_ptr<acc_t>();
+    std::vector<acc_t> storage[3];
+    const acc_t* mean_data = per_column(mean.const_data_ptr<acc_t>(), s, storage[0]);
+    const acc_t* scale_data = per_column(scale.const_data_ptr<acc_t>(), s, storage[1]);
+    const acc_t* shift_data = per_column(shift.const_data_ptr<acc_t>(), s, storage[2]);
     column_sums<acc_t>(
         s,
-        [&](int64_t group, int64_t row, int64_t j, int64_t count) {
+        [=](int64_t group, int64_t row, int64_t j, int64_t count) {
           const int64_t t = group * W + j;
           const Vec xc = L::load(x_data + row * W + j, count) - Vec::loadu(mean_data + t, count);
           const Vec z = xc * Vec::loadu(scale_data + t, count) + Vec::loadu(shift_data + t, count);
@@ -203,11 +277,14 @@ void backward_reduce_kernel(const at::Tensor& dy, const at::Tensor& x, const at:
               activation_backward<A>(L::load(dy_data + row * W + j, count), z, param_vec);
           return std::pair<Vec, Vec>(g, g * xc);
         },
-        [&](int64_t group, const double* first, const double* second) {
+        [&](int64_t group, double* first, double* second) {
+          fold_columns(first, C, Q);
+          fold_columns(second, C, Q);
+          acc_t* out_g = sum_g_data + group * C;
+          acc_t* out_g_xc = sum_g_xc_data + group * C;
           for (int64_t c = 0; c < C; ++c) {
-            auto [a, b] = channel_total(first, second, c, Q);
-            sum_g_data[group * C + c] = static_cast<acc_t>(a);
-            sum_g_xc_data[group * C + c] = static_cast<acc_t>(b);
+            out_g[c] = static_cast<acc_t>(first[c]);
+            out_g_xc[c] = static_cast<acc_t>(second[c]);
           }
         });
     return;
@@ -216,15 +293,13 @@ void backward_reduce_kernel(const at::Tensor& dy, const at::Tensor& x, const at:
   const acc_t* mean_data = mean.const_data_ptr<acc_t>();
   const acc_t* scale_data = scale.const_data_ptr<acc_t>();
   const acc_t* shift_data = shift.const_data_ptr<acc_t>();
-  at::parallel_for(0, s.chunks * C, grain_for(2 * s.group_rows() * Q), [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t group = item / C;
-      const int64_t channel = item - group * C;
-      const Vec m(mean_data[item]);
-      const Vec a(scale_data[item]);
-      const Vec b(shift_data[item]);
-      TwoSums<acc_t> sums;
-      for (int64_t row = s.begin(group); row < s.end(group); ++row) {
+  segment_sums<acc_t>(
+      s,
+      [&](TwoSums<acc_t>& sums, int64_t group, int64_t channel, int64_t row) {
+        const int64_t item = group * C + channel;
+        const Vec m(mean_data[item]);
+        const Vec a(scale_data[item]);
+        const Vec b(shift_data[item]);
         const int64_t offset = (row * C + channel) * Q;
         sums.add(Q, [&](int64_t i, int64_t count) {
           Vec xc = L::load(x_data + offset + i, count) - m;
@@ -236,12 +311,11 @@ void backward_reduce_kernel(const at::Tensor& dy, const at::Tensor& x, const at:
           }
           return std::pair<Vec, Vec>(g, g * xc);
         });
-      }
-      sums.flush();
-      sum_g_data[item] = static_cast<acc_t>(sums.total_first);
-      sum_g_xc_data[item] = static_cast<acc_t>(sums.total_second);
-    }
-  });
+      },
+      [&](int64_t item, double first, double second) {
+        sum_g_data[item] = static_cast<acc_t>(first);
+        sum_g_xc_data[item] = static_cast<acc_t>(second);
+      });
 }
 
 }  // namespace

@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 namespace batchnorm_cpu {
 
@@ -150,6 +151,16 @@ inline void dispatch_activation(Activation activation, const Body& body) {
   }
 }
 
+// step(i, count) for the consecutive vectors of a run of n values (the last may be partial).
+// Steps and the ops below capture by value: a vector store may alias any memory, so values
+// read through references would be reloaded after every store.
+template <int64_t width, typename Step>
+inline void over_run(int64_t n, Step step) {
+  int64_t i = 0;
+  for (; i + width <= n; i += width) step(i, width);
+  if (i < n) step(i, n - i);
+}
+
 // Two running sums over a sequence of values: vector lanes of acc_t (four independent
 // accumulators each), added into double every kFlushValues values and at the end.
 template <typename acc_t>
@@ -229,6 +240,9 @@ inline void flush_columns(acc_t* acc, double* total, int64_t width) {
 constexpr int64_t kBlockRows = 64;
 constexpr int64_t kMaxBlocks = 64;
 
+// Values per row block of a long-segment reduction, when its (group, channel) items are few.
+constexpr int64_t kSegmentBlockValues = 1 << 18;
+
 inline int64_t row_blocks(int64_t rows) {
   return std::clamp<int64_t>(rows / kBlockRows, 1, kMaxBlocks);
 }
@@ -261,12 +275,18 @@ struct ChannelShape {
   static constexpr int64_t kSegmentMinLength = 16;
 };
 
-// A (chunks, C) table as (chunks, C * Q): each channel's value repeated over its Q columns
-// (a view when Q == 1).
-inline at::Tensor per_column(const at::Tensor& table, int64_t quantity) {
-  if (quantity == 1) return table;
-  return table.unsqueeze(2).expand({table.size(0), table.size(1), quantity})
-      .reshape({table.size(0), table.size(1) * quantity});
+// A (chunks, C) table spread over the columns of the rows of a channels view:
+// (chunks, C * Q), each channel's value repeated over its Q columns. The table itself when
+// Q == 1, else written into `storage`.
+template <typename acc_t>
+const acc_t* per_column(const acc_t* table, const ChannelShape& s, std::vector<acc_t>& storage) {
+  const int64_t Q = s.quantity;
+  if (Q == 1) return table;
+  storage.resize(s.chunks * s.channels * Q);
+  for (int64_t k = 0; k < s.chunks * s.channels; ++k) {
+    std::fill(storage.begin() + k * Q, storage.begin() + (k + 1) * Q, table[k]);
+  }
+  return storage.data();
 }
 
 // The accumulation dtype of x's dtype: float32 for half types, else the same.
@@ -298,6 +318,7 @@ inline at::Tensor table_arg(const at::Tensor& table, int64_t chunks, int64_t cha
               ": ", name, " must have shape (", chunks, ", ", channels, "), got ", table.sizes());
   TORCH_CHECK(table.device().is_cpu(), op, ": ", name, " must be on the CPU, got ",
               table.device());
+  if (table.scalar_type() == acc && table.is_contiguous()) return table;
   return table.to(acc).contiguous();
 }
 

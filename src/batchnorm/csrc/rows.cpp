@@ -16,6 +16,11 @@
 namespace batchnorm_cpu {
 namespace {
 
+at::Tensor as_accumulation(const at::Tensor& t, const at::TensorOptions& options) {
+  if (t.scalar_type() == options.dtype() && t.is_contiguous()) return t;
+  return t.to(options.dtype()).contiguous();
+}
+
 // weight or bias as a (K,) accumulation-dtype tensor; `fill` when absent.
 at::Tensor column_param(const std::optional<at::Tensor>& param, int64_t columns,
                         const at::TensorOptions& options, double fill, const char* op,
@@ -23,7 +28,7 @@ at::Tensor column_param(const std::optional<at::Tensor>& param, int64_t columns,
   if (!param.has_value() || !param->defined()) return at::full({columns}, fill, options);
   TORCH_CHECK(param->dim() == 1 && param->size(0) == columns, op, ": ", name,
               " must have shape (", columns, ",), got ", param->sizes());
-  return param->to(options.dtype()).contiguous();
+  return as_accumulation(*param, options);
 }
 
 template <typename T>
@@ -33,7 +38,6 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& weight, const at::Ten
   using acc_t = typename L::acc_t;
   using Vec = typename L::Vec;
   const int64_t K = x.size(1);
-  const int64_t whole = K - K % L::width;
   const T* x_data = x.const_data_ptr<T>();
   const acc_t* w = weight.const_data_ptr<acc_t>();
   const acc_t* b = bias.const_data_ptr<acc_t>();
@@ -61,12 +65,10 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& weight, const at::Ten
       const Vec m_vec(m);
       const Vec inv_vec(inv);
       T* out = y_data + r * K;
-      auto step = [&](int64_t i, int64_t count) {
+      over_run<L::width>(K, [=](int64_t i, int64_t count) {
         const Vec x_hat = (L::load(row + i, count) - m_vec) * inv_vec;
         L::store(out + i, x_hat * Vec::loadu(w + i, count) + Vec::loadu(b + i, count), count);
-      };
-      for (int64_t i = 0; i < whole; i += L::width) step(i, L::width);
-      if (whole < K) step(whole, K - whole);
+      });
     }
   });
 }
@@ -80,7 +82,6 @@ void backward_kernel(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
   using Vec = typename L::Vec;
   const int64_t R = x.size(0);
   const int64_t K = x.size(1);
-  const int64_t whole = K - K % L::width;
   const int64_t padded = round_up(K, L::width);
   const int64_t blocks = row_blocks(R);
   const T* dy_data = dy.const_data_ptr<T>();
@@ -119,7 +120,7 @@ void backward_kernel(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
         const Vec mean_gh(static_cast<acc_t>(sums.total_first / K));
         const Vec mean_gh_xhat(static_cast<acc_t>(sums.total_second / K));
         T* out = dx_data + r * K;
-        auto step = [&](int64_t i, int64_t count) {
+        over_run<L::width>(K, [=](int64_t i, int64_t count) {
           Vec x_hat = (L::load(x_row + i, count) - m) * inv;
           const Vec g = L::load(dy_row + i, count);
           const Vec gh = g * Vec::loadu(w + i, count);
@@ -127,9 +128,7 @@ void backward_kernel(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
           if (count != L::width) x_hat = Vec::set(Vec(0), x_hat, count);
           (Vec::loadu(acc_dy_xhat + i) + g * x_hat).store(acc_dy_xhat + i);
           (Vec::loadu(acc_dy + i) + g).store(acc_dy + i);
-        };
-        for (int64_t i = 0; i < whole; i += L::width) step(i, L::width);
-        if (whole < K) step(whole, K - whole);
+        });
         if (++since_flush == kFlushRows) {
           flush_columns(acc.data(), total, 2 * padded);
           since_flush = 0;
@@ -197,8 +196,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rows_backward(
   const at::Tensor x = x_in.contiguous();
   const at::Tensor dy = dy_in.contiguous();
   const auto options = x.options().dtype(accumulation_type(x.scalar_type()));
-  const at::Tensor mean = mean_in.to(options.dtype()).contiguous();
-  const at::Tensor invstd = invstd_in.to(options.dtype()).contiguous();
+  const at::Tensor mean = as_accumulation(mean_in, options);
+  const at::Tensor invstd = as_accumulation(invstd_in, options);
   const at::Tensor weight = column_param(weight_in, K, options, 1.0, op, "weight");
   at::Tensor dx = at::empty_like(x);
   at::Tensor sum_dy_xhat = at::zeros({K}, options);

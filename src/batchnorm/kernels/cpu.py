@@ -7,19 +7,25 @@ independent of the number of threads. The extension is built at the first call
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 from torch import Tensor
 
 from batchnorm.kernels import extension
 
-_ops = None
+_NAMES = ("channel_stats", "channel_normalize", "channel_backward_reduce",
+          "channel_backward_input", "rows_forward", "rows_backward")
+_ops: SimpleNamespace | None = None
 
 
-def _kernels():
+def _kernels() -> SimpleNamespace:
+    """The operators' overloads (calling one skips the packet's overload lookup)."""
     global _ops
     if _ops is None:
         extension.load()
-        _ops = torch.ops.batchnorm_cpu
+        namespace = torch.ops.batchnorm_cpu
+        _ops = SimpleNamespace(**{name: getattr(namespace, name).default for name in _NAMES})
     return _ops
 
 

@@ -78,6 +78,14 @@ def _build() -> None:
     _build_seconds = time.perf_counter() - start
 
 
+def _summary(error: Exception, limit: int = 300) -> str:
+    """The compiler's first error line, or the error's first line: a build log is long."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    first = next((line for line in lines if "error" in line.lower() and ": " in line),
+                 lines[0] if lines else type(error).__name__)
+    return first if len(first) <= limit else first[:limit] + "..."
+
+
 def load() -> None:
     """Builds (at most once) and loads the kernels; raises RuntimeError if that fails."""
     global _loaded
@@ -89,9 +97,9 @@ def load() -> None:
                 except Exception as error:  # a missing compiler raises many kinds
                     _loaded = False
                     warnings.warn(
-                        f"batchnorm: the C++ CPU kernels could not be built ({error}); "
-                        "falling back to the other backends", RuntimeWarning, stacklevel=3)
-                    raise RuntimeError(f"building the C++ CPU kernels failed: {error}") from error
+                        f"batchnorm: the C++ CPU kernels could not be built in "
+                        f"{build_directory()}: {_summary(error)}", RuntimeWarning, stacklevel=3)
+                    raise RuntimeError("building the C++ CPU kernels failed") from error
                 _loaded = True
     if not _loaded:
         raise RuntimeError("the C++ CPU kernels are unavailable (their build failed earlier)")
