@@ -3,9 +3,10 @@
 //   channel_backward_reduce: sum(g), sum(g * (x - mean)),  g = dy * act'(z),
 //                            z = (x - mean) * scale + shift
 // Two loop regimes: long segments (Q >= ChannelShape::kSegmentMinLength) are summed one
-// (chunk, channel) item per task, vectorized along Q; short ones (channels-last, Q == 1)
-// as the columns of a (P, C * Q) matrix, vectorized along the columns, over fixed row
-// blocks whose double partials are merged in block order.
+// (chunk, channel) item per task, vectorized along Q (a group's rows split into blocks when
+// the items are few and long); short ones (channels-last, Q == 1) as the columns of a
+// (P, C * Q) matrix, vectorized along the columns, over fixed row blocks. Block partials are
+// doubles merged in block order.
 #include <vector>
 
 #include "kernels.h"

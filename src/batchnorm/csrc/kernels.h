@@ -152,8 +152,8 @@ inline void dispatch_activation(Activation activation, const Body& body) {
 }
 
 // step(i, count) for the consecutive vectors of a run of n values (the last may be partial).
-// Steps and the ops below capture by value: a vector store may alias any memory, so values
-// read through references would be reloaded after every store.
+// Loops that store capture by value (steps, row terms, the map ops): a vector store may
+// alias any memory, so values read through references would be reloaded after every store.
 template <int64_t width, typename Step>
 inline void over_run(int64_t n, Step step) {
   int64_t i = 0;
