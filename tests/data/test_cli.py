@@ -4,7 +4,6 @@ one-line error without network."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from batchnorm.cli import main
 from batchnorm.data import datasets
@@ -17,19 +16,11 @@ def parts() -> dict[str, tuple[np.ndarray, np.ndarray]]:
             for part, count in (("train", 12), ("test", 5))}
 
 
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    """No $BATCHNORM_DATA and an empty home: the default data folder is its cache."""
-    monkeypatch.delenv("BATCHNORM_DATA", raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
-
-
 def test_fetch_downloads_into_the_default_folder_and_lists_each_file_with_its_md5(
-        home, serve_mnist, capsys):
+        empty_home, serve_mnist, capsys):
     md5 = serve_mnist(parts())
     assert main(["data", "fetch", "mnist"]) == 0
-    folder = home / ".cache" / "batchnorm" / "mnist"
+    folder = empty_home / ".cache" / "batchnorm" / "mnist"
     out = capsys.readouterr().out.splitlines()
     assert out[:4] == [f"downloaded {folder / name}" for name in
                        ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz",
@@ -41,20 +32,21 @@ def test_fetch_downloads_into_the_default_folder_and_lists_each_file_with_its_md
     assert not any(line.startswith("downloaded") for line in capsys.readouterr().out.splitlines())
 
 
-def test_fetch_without_network_is_one_error_line_saying_so(home, no_network, capsys):
-    assert main(["data", "fetch", "mnist", "--data-dir", str(home / "data")]) == 2
+def test_fetch_without_network_is_one_error_line_saying_so(empty_home, no_network, capsys):
+    folder = empty_home / "data"
+    assert main(["data", "fetch", "mnist", "--data-dir", str(folder)]) == 2
     [line] = capsys.readouterr().err.strip().splitlines()
     hosts = sorted({url.split("/")[2] for url in datasets.DATASETS["mnist"].mirrors})
     assert line.startswith(f"batchnorm data: error: could not download mnist (no network: "
                            f"none of {', '.join(hosts)} resolves); copy the files that "
-                           f"`batchnorm data check mnist` lists into {home / 'data' / 'mnist'}")
+                           f"`batchnorm data check mnist` lists into {folder / 'mnist'}")
     assert len(no_network) == len(hosts)  # one try per mirror, no retries
 
 
-def test_check_flags_a_corrupt_file_and_exits_1(home, serve_mnist, capsys):
+def test_check_flags_a_corrupt_file_and_exits_1(empty_home, serve_mnist, capsys):
     serve_mnist(parts())
     assert main(["data", "fetch"]) == 0
-    images = home / ".cache" / "batchnorm" / "mnist" / "t10k-images-idx3-ubyte.gz"
+    images = empty_home / ".cache/batchnorm/mnist/t10k-images-idx3-ubyte.gz"
     images.write_bytes(images.read_bytes()[:-1])
     capsys.readouterr()
     assert main(["data", "check"]) == 1
@@ -62,7 +54,7 @@ def test_check_flags_a_corrupt_file_and_exits_1(home, serve_mnist, capsys):
     assert "BAD: its MD5 is" in line and "delete it and fetch again" in line
 
 
-def test_check_of_an_empty_folder_lists_the_published_md5s_and_exits_1(home, capsys):
+def test_check_of_an_empty_folder_lists_the_published_md5s_and_exits_1(empty_home, capsys):
     assert main(["data", "check", "fashion-mnist"]) == 1
     out = capsys.readouterr().out
     for name, digest in datasets.DATASETS["fashion-mnist"].md5.items():

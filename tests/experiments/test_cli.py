@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gzip
 import json
-from pathlib import Path
 
 import pytest
 
@@ -15,14 +14,6 @@ from batchnorm.experiments import cli
 from batchnorm.experiments.registry import EXPERIMENTS
 
 TINY = ["init-sweep", "--tiny", "--no-progress"]
-
-
-@pytest.fixture
-def no_data_configured(tmp_path, monkeypatch) -> Path:
-    """A user who set nothing: no $BATCHNORM_DATA, an empty home; returns that home."""
-    monkeypatch.delenv("BATCHNORM_DATA", raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
 
 
 def error_lines(capsys) -> list[str]:
@@ -47,18 +38,18 @@ def test_tiny_run_writes_its_outputs_into_out_with_the_seed(tmp_path, capsys):
 
 
 def test_with_nothing_asked_for_it_falls_back_to_digits_and_says_how_to_get_mnist(
-        no_data_configured, capsys):
+        empty_home, capsys):
     data = cli.load_data(None, None)
     assert isinstance(data, Split) and data.name == "digits"
     out = capsys.readouterr().out
-    assert f"no MNIST under {no_data_configured / '.cache' / 'batchnorm' / 'mnist'}" in out
+    assert f"no MNIST under {empty_home / '.cache' / 'batchnorm' / 'mnist'}" in out
     assert "`batchnorm data fetch mnist` downloads it" in out
 
 
 @pytest.mark.parametrize("request_", [["--dataset", "mnist"], ["--data-dir", "{missing}"],
                                       ["--dataset", "mnist", "--data-dir", "{missing}"]])
 def test_a_named_dataset_or_folder_that_is_missing_is_an_error_not_a_fallback(
-        request_, no_data_configured, tmp_path, capsys):
+        request_, empty_home, tmp_path, capsys):
     arguments = [arg.format(missing=tmp_path / "nonexistent") for arg in request_]
     assert batchnorm_main(["demo", *arguments, "--out", str(tmp_path / "out")]) == 2
     [line] = error_lines(capsys)
