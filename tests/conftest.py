@@ -42,3 +42,15 @@ def mnist_data_dir() -> Path:
             pytest.fail(reason)
         pytest.skip(reason)
     return data_dir
+
+
+@pytest.fixture
+def empty_home(tmp_path, monkeypatch) -> Path:
+    """A user who configured nothing: no $BATCHNORM_DATA and an empty home, so the
+    default data folder is ``<home>/.cache/batchnorm``; torch's caches (compiled
+    extensions) stay where they were. Returns the home."""
+    monkeypatch.delenv("BATCHNORM_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", os.environ.get("XDG_CACHE_HOME",
+                                                        str(Path.home() / ".cache")))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    return tmp_path / "home"

@@ -33,7 +33,9 @@ def _check_eps(eps: float, training: bool) -> None:
 
 def _check_per_channel(name: str, tensor: Tensor | None, channels: int) -> None:
     if tensor is not None and tensor.numel() != channels:
-        raise RuntimeError(f"{name} should contain {channels} elements not {tensor.numel()}")
+        # torch's type; the words the right way round (torch's text names them backwards)
+        raise RuntimeError(f"expected input with {tensor.numel()} channels (the size of "
+                           f"{name}), got input with {channels} channels")
 
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)

@@ -4,13 +4,18 @@ server."""
 from __future__ import annotations
 
 import gzip
+import hashlib
 import http.server
+import socket
 import threading
+import urllib.error
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from batchnorm.data import datasets, download
 
 # IDX dtype code for each numpy dtype, written independently of the package's table
 IDX_CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09, np.dtype(">i2"): 0x0B,
@@ -83,3 +88,39 @@ def server() -> Iterator[LocalServer]:
     yield local
     local.server.shutdown()
     local.server.server_close()
+
+
+@pytest.fixture
+def serve_mnist(server, monkeypatch, write_idx, tmp_path) -> Callable[..., dict[str, str]]:
+    """``serve_mnist({"train": (images, labels), "test": ...})`` serves the parts as gz
+    files under ``/mnist/``, makes their MD5s the published ones, and returns them."""
+
+    def serve(parts: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, str]:
+        md5 = {}
+        for part, arrays in parts.items():
+            prefix = "t10k" if part == "test" else "train"
+            for kind, array in zip(("images-idx3", "labels-idx1"), arrays, strict=True):
+                name = f"{prefix}-{kind}-ubyte.gz"
+                body = write_idx(tmp_path / "served" / name, array).read_bytes()
+                md5[name] = hashlib.md5(body).hexdigest()
+                server.serve(f"/mnist/{name}", body)
+        monkeypatch.setitem(datasets.DATASETS, "mnist",
+                            datasets.IdxDataset("mnist", md5, (f"{server.url}/mnist/",)))
+        return md5
+
+    return serve
+
+
+@pytest.fixture
+def no_network(monkeypatch) -> list[str]:
+    """Every URL opened fails as without network (the host name does not resolve); the
+    list records the URLs tried. Backoff sleeps are skipped."""
+    tried: list[str] = []
+
+    def urlopen(url: str, timeout: float) -> None:
+        tried.append(url)
+        raise urllib.error.URLError(socket.gaierror(-3, "Temporary failure in name resolution"))
+
+    monkeypatch.setattr(download.urllib.request, "urlopen", urlopen)
+    monkeypatch.setattr(download.time, "sleep", lambda seconds: None)
+    return tried

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import hashlib
 import warnings
 from pathlib import Path
 
@@ -14,7 +13,6 @@ import torch
 from batchnorm.data import datasets
 from batchnorm.data.datasets import (
     DataFallbackWarning,
-    IdxDataset,
     default_data_dir,
     load_split,
     mirrors_for,
@@ -175,22 +173,10 @@ def test_mirror_env_var_overrides_the_builtin_mirrors(monkeypatch):
     assert mirrors_for("fashion-mnist") == datasets.DATASETS["fashion-mnist"].mirrors
 
 
-def serve_dataset(server, monkeypatch, write_idx, folder, parts):
-    """Serve gz files under /mnist/ and make their MD5s the 'published' ones."""
-    md5 = {}
-    for part, (images, labels) in parts.items():
-        for name, array in ((IMAGES[part], images), (LABELS[part], labels)):
-            body = write_idx(folder / f"{name}.gz", array).read_bytes()
-            md5[f"{name}.gz"] = hashlib.md5(body).hexdigest()
-            server.serve(f"/mnist/{name}.gz", body)
-    monkeypatch.setitem(datasets.DATASETS, "mnist", IdxDataset("mnist", md5, ("unused",)))
-
-
 def test_download_fetches_missing_files_then_loads_them(tmp_path, server, monkeypatch,
-                                                         write_idx):
+                                                         serve_mnist):
     train, test = synthetic(12, 4, seed=9), synthetic(5, 4, seed=10)
-    serve_dataset(server, monkeypatch, write_idx, tmp_path / "served",
-                  {"train": train, "test": test})
+    serve_mnist({"train": train, "test": test})
     monkeypatch.setenv("BATCHNORM_MNIST_MIRRORS", f"{server.url}/mnist/")
     split = load_split("mnist", data_dir=tmp_path, download=True)
     assert split.name == "mnist"
@@ -200,10 +186,9 @@ def test_download_fetches_missing_files_then_loads_them(tmp_path, server, monkey
         datasets.DATASETS["mnist"].md5)
 
 
-def test_download_skips_files_already_present(tmp_path, server, monkeypatch, write_idx):
+def test_download_skips_files_already_present(tmp_path, server, write_idx, serve_mnist):
     train, test = synthetic(12, 4, seed=11), synthetic(5, 4, seed=12)
-    serve_dataset(server, monkeypatch, write_idx, tmp_path / "served",
-                  {"train": train, "test": test})
+    serve_mnist({"train": train, "test": test})
     write_part(tmp_path / "mnist", "test", *test, write_idx)  # raw test files already here
     load_split("mnist", data_dir=tmp_path, download=True, mirrors=[f"{server.url}/mnist/"])
     hits = {path: route.hits for path, route in server.routes.items()}
@@ -217,6 +202,15 @@ def test_failed_download_falls_back_to_digits(tmp_path, server):
                            mirrors=[f"{server.url}/nothing-here/"])
     assert split.name == "digits"
     assert not any((tmp_path / "mnist").iterdir())
+
+
+def test_without_network_the_download_tries_each_mirror_once_then_falls_back(
+        tmp_path, monkeypatch, no_network):
+    mirrors = ["https://one.example/", "https://two.example/", "https://three.example/"]
+    with pytest.warns(DataFallbackWarning):
+        split = load_split("mnist", data_dir=tmp_path, download=True, mirrors=mirrors)
+    assert split.name == "digits"
+    assert no_network == [f"{mirror}t10k-images-idx3-ubyte.gz" for mirror in mirrors]
 
 
 @pytest.mark.mnist

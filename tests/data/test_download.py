@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import socket
 import sys
+import time
 
 import pytest
 
@@ -143,3 +144,26 @@ def test_download_works_quietly_without_tqdm(tmp_path, server, monkeypatch):
     assert download_module._progress(10, NAME) is None
     server.serve(f"/m/{NAME}", BODY)
     assert download_file(tmp_path / NAME, [f"{server.url}/m"], BODY_MD5).read_bytes() == BODY
+
+
+def test_a_host_name_that_does_not_resolve_is_not_retried(tmp_path, no_network):
+    with pytest.raises(DownloadError) as caught:
+        download_file(tmp_path / NAME, ["https://a.example/", "https://b.example/"], BODY_MD5,
+                      retries=3)
+    assert no_network == [f"https://a.example/{NAME}", f"https://b.example/{NAME}"]
+    assert caught.value.offline and len(caught.value.causes) == 2
+
+
+def test_the_deadline_bounds_a_host_that_never_answers(tmp_path):
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/"
+        start = time.monotonic()
+        with pytest.raises(DownloadError, match="deadline passed") as caught:
+            download_file(tmp_path / NAME, [url, url], BODY_MD5, retries=3, timeout=60,
+                          deadline=start + 1.0)
+        elapsed = time.monotonic() - start
+    assert elapsed < 10, elapsed  # without the deadline: 3 attempts x 60 s per mirror
+    assert not caught.value.offline
+    assert leftovers(tmp_path) == []

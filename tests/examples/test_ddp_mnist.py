@@ -1,4 +1,5 @@
-"""The DDP + SyncBatchNorm example under torchrun with 2 gloo processes on real MNIST."""
+"""The DDP + SyncBatchNorm example under torchrun with 2 gloo processes: on real MNIST,
+and on a fresh clone without MNIST, where it falls back to the bundled digits."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from batchnorm.examples.ddp_mnist import parse_args
+from batchnorm.examples.ddp_mnist import main, parse_args
 
 
 @pytest.mark.mnist
@@ -28,6 +29,31 @@ def test_torchrun_two_processes_learns_and_keeps_running_stats_in_sync(
     assert float(epochs[-1][2]) > 80.0, result.stdout  # chance is 10%
     assert all(float(spread) == 0.0 for *_, spread in epochs), result.stdout
     assert "2 process(es), backend gloo" in result.stdout
+
+
+def test_readme_command_without_mnist_trains_on_the_digits_and_says_so(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node=2", "-m", "batchnorm.examples.ddp_mnist", "--epochs", "1",
+               "--timeout", "60"]
+    environment = {key: value for key, value in os.environ.items() if key != "BATCHNORM_DATA"}
+    # an empty home has no MNIST; torch's caches (compiled extensions) stay where they are
+    caches = os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache"))
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240,
+                            env={**environment, "HOME": str(tmp_path), "XDG_CACHE_HOME": caches})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert result.stdout.startswith(f"note: no MNIST under {tmp_path / '.cache/batchnorm/mnist'}, "
+                                    "so the bundled 8x8 digits are used instead")
+    assert "digits: 1437 train / 360 validation images, 2 process(es)" in result.stdout
+    assert "epoch 1: train loss" in result.stdout
+
+
+def test_a_data_dir_without_mnist_stops_with_one_line_saying_what_to_do(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--data-dir", str(tmp_path / "nothing")]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"ddp_mnist: error: mnist not found under {tmp_path / 'nothing'}")
+    assert f"`batchnorm data fetch mnist --data-dir {tmp_path / 'nothing'}` downloads it" in line
 
 
 @pytest.mark.parametrize("option", ["--epochs", "--batch-size", "--train-images"])

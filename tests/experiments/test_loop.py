@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 from functools import partial
 
@@ -13,6 +14,7 @@ from torch import nn
 import batchnorm
 from batchnorm.experiments.loop import (
     BatchSampler,
+    CheckpointError,
     Run,
     accuracy,
     cross_entropy,
@@ -133,7 +135,8 @@ def _runs(records: int = 4) -> list[Run]:
     metric = partial(accuracy, x=_DATA[0], y=_DATA[1])
     return [Run(name=name, seed=seed,
                 build=partial(mlp, [6, 8, 3], "relu", norm=batchnorm.BatchNorm1d),
-                optimizer=partial(torch.optim.Adam, lr=0.01), batch_size=8, records=records,
+                optimizer=partial(torch.optim.Adam, lr=0.01), train_x=_DATA[0],
+                train_y=_DATA[1], batch_size=8, records=records,
                 steps_per_record=3, metrics={"acc": metric})
             for name, seed in (("a", 1), ("b", 2))]
 
@@ -154,15 +157,15 @@ def _interrupt_after(total: int):
 
 def test_training_resumed_after_an_interruption_records_the_same_histories(tmp_path):
     key = {"experiment": "t"}
-    expected = train_runs(_runs(), *_DATA, tmp_path / "a.pt", key, progress=False)
+    expected = train_runs(_runs(), tmp_path / "a.pt", key, progress=False)
     # 4 records per run: stop inside the first run, and after the second's first record
     for stop, resumes_at in ((2, ("a", 3)), (5, ("b", 2))):
         path = tmp_path / f"resumed{stop}.pt"
         with pytest.raises(Interrupted):
-            train_runs(_runs(), *_DATA, path, key, progress=False,
+            train_runs(_runs(), path, key, progress=False,
                        on_record=_interrupt_after(stop))
         calls: list[tuple[str, int]] = []
-        resumed = train_runs(_runs(), *_DATA, path, key, progress=False,
+        resumed = train_runs(_runs(), path, key, progress=False,
                              on_record=lambda *call, calls=calls: calls.append(call))
         assert calls[0] == resumes_at
         assert resumed == expected
@@ -171,10 +174,10 @@ def test_training_resumed_after_an_interruption_records_the_same_histories(tmp_p
 def test_checkpoint_of_another_configuration_is_not_resumed(tmp_path):
     path = tmp_path / "c.pt"
     with pytest.raises(Interrupted):
-        train_runs(_runs(), *_DATA, path, {"seed": 1}, progress=False,
+        train_runs(_runs(), path, {"seed": 1}, progress=False,
                    on_record=_interrupt_after(2))
     calls = []
-    train_runs(_runs(), *_DATA, path, {"seed": 2}, progress=False,
+    train_runs(_runs(), path, {"seed": 2}, progress=False,
                on_record=lambda *call: calls.append(call))
     assert calls[0] == ("a", 1)  # started over
 
@@ -182,4 +185,61 @@ def test_checkpoint_of_another_configuration_is_not_resumed(tmp_path):
 def test_duplicate_run_names_are_an_error(tmp_path):
     runs = _runs()
     with pytest.raises(ValueError, match="run names must be unique"):
-        train_runs([runs[0], runs[0]], *_DATA, tmp_path / "d.pt", {}, progress=False)
+        train_runs([runs[0], runs[0]], tmp_path / "d.pt", {}, progress=False)
+
+
+def _interrupted_checkpoint(path) -> dict:
+    """A checkpoint left after run "a" finished and "b" recorded once, as saved."""
+    with pytest.raises(Interrupted):
+        train_runs(_runs(), path, {"seed": 0}, progress=False, on_record=_interrupt_after(5))
+    return torch.load(path, weights_only=True)
+
+
+def _forged(state: dict, change) -> dict:
+    state = copy.deepcopy(state)
+    change(state)
+    return state
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda path, state: path.write_bytes(path.read_bytes()[:200]), "unreadable checkpoint"),
+    (lambda path, state: path.write_bytes(b""), "unreadable checkpoint"),
+    (lambda path, state: torch.save([1, 2, 3], path),
+     "not an experiment checkpoint: expected a dict with ['current', 'done', 'key'], got list"),
+    (lambda path, state: torch.save(_forged(state, lambda s: s["done"]["a"]["acc"].append(1.0)),
+                                    path),
+     "number of records in the metric histories of run 'a': expected 4, got 5"),
+    (lambda path, state: torch.save(
+        _forged(state, lambda s: s["current"]["history"]["acc"].extend([1.0] * 5)), path),
+     "number of records in the metric histories of run 'b': expected 1 to 3, got 6"),
+    (lambda path, state: torch.save(_forged(state, lambda s: s["done"].update(z={})), path),
+     "finished runs: expected a dict of runs among ['a', 'b'], got ['a', 'z']"),
+    (lambda path, state: torch.save(
+        _forged(state, lambda s: s["current"]["sampler"].update(position=10**6)), path),
+     "saved state of run 'b'"),
+    (lambda path, state: torch.save(
+        _forged(state, lambda s: s["current"]["model"].pop("1.weight")), path),
+     "saved state of run 'b'"),
+])
+def test_a_damaged_checkpoint_is_an_error_naming_the_file_and_how_to_start_over(
+        damage, problem, tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    state = _interrupted_checkpoint(path)
+    damage(path, state)
+    with pytest.raises(CheckpointError) as caught:
+        train_runs(_runs(), path, {"seed": 0}, progress=False)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: {problem}")
+    assert message.endswith("start over with --restart (or delete the file)")
+
+
+def test_the_checkpoint_is_replaced_atomically_never_written_through_a_link(tmp_path):
+    target = tmp_path / "elsewhere"
+    target.write_text("precious")
+    path = tmp_path / "run" / "checkpoint.pt"
+    path.parent.mkdir()
+    path.with_name("checkpoint.pt.tmp").symlink_to(target)  # the old fixed temporary name
+    train_runs(_runs(records=1), path, {}, progress=False)
+    assert target.read_text() == "precious"
+    assert torch.load(path, weights_only=True)["done"]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["checkpoint.pt", "checkpoint.pt.tmp"]

@@ -6,6 +6,8 @@ from batchnorm.data.datasets import (
     DataFallbackWarning,
     Split,
     default_data_dir,
+    download_missing,
+    load_requested_split,
     load_split,
     mirrors_for,
 )
@@ -13,5 +15,5 @@ from batchnorm.data.download import DownloadError, download_file, verify_md5
 from batchnorm.data.idx import DataFileError, read_idx
 
 __all__ = ["DATASETS", "DataFallbackWarning", "DataFileError", "DownloadError", "Split",
-           "default_data_dir", "download_file", "load_split", "mirrors_for", "read_idx",
-           "verify_md5"]
+           "default_data_dir", "download_file", "download_missing", "load_requested_split",
+           "load_split", "mirrors_for", "read_idx", "verify_md5"]

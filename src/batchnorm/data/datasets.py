@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,11 +32,13 @@ from torch import Tensor
 from batchnorm.data.download import DownloadError, download_file, verify_md5
 from batchnorm.data.idx import IMAGES_MAGIC, LABELS_MAGIC, DataFileError, read_idx
 
-__all__ = ["DATASETS", "DataFallbackWarning", "IdxDataset", "Split", "default_data_dir",
-           "load_split", "mirrors_for"]
+__all__ = ["DATASETS", "DEFAULT_DOWNLOAD_DEADLINE", "DataFallbackWarning", "IdxDataset",
+           "Split", "default_data_dir", "download_missing", "load_requested_split", "load_split",
+           "mirrors_for"]
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_DOWNLOAD_DEADLINE = 120.0  # seconds for all of a dataset's missing files together
 TEST_SPLIT_TRAIN = 8_000  # first 8,000 of the 10,000 test images train, the rest validate
 DIGITS_TRAIN = 1_437  # first 80% of scikit-learn's 1,797 digits train, the rest validate
 NUM_CLASSES = 10
@@ -105,7 +108,8 @@ class Split:
 
 
 def default_data_dir(default: str | os.PathLike[str] | None = None) -> Path:
-    """``$BATCHNORM_DATA`` if set, else ``default``, else ``~/.cache/batchnorm``."""
+    """``$BATCHNORM_DATA`` if set, else ``default``, else ``~/.cache/batchnorm`` (where
+    ``batchnorm data fetch`` downloads to and every command looks)."""
     if os.environ.get("BATCHNORM_DATA"):
         return Path(os.environ["BATCHNORM_DATA"]).expanduser()
     if default is not None:
@@ -167,14 +171,16 @@ def _present_parts(dataset: IdxDataset, folder: Path) -> dict[str, tuple[Path, P
     return present
 
 
-def _download_missing(name: str, folder: Path, mirrors: tuple[str, ...]) -> None:
-    dataset = DATASETS[name]
-    for gz_name, md5 in dataset.md5.items():
-        if _find(folder, gz_name) is None:
-            try:
-                download_file(folder / gz_name, mirrors, md5)
-            except DownloadError as error:
-                logger.warning("%s", error)
+def download_missing(name: str, folder: Path, mirrors: tuple[str, ...],
+                     deadline_seconds: float = DEFAULT_DOWNLOAD_DEADLINE) -> list[Path]:
+    """Download the files of ``name`` missing from ``folder``, all within one deadline,
+    the test files first (alone they already give a split), and return the paths
+    downloaded. The first file no mirror delivers raises :class:`DownloadError` and ends
+    the attempt: the others would fail the same way."""
+    deadline = time.monotonic() + deadline_seconds
+    files = sorted(DATASETS[name].md5.items(), key=lambda item: item[0] not in _PARTS["test"])
+    return [download_file(folder / gz_name, mirrors, md5, deadline=deadline)
+            for gz_name, md5 in files if _find(folder, gz_name) is None]
 
 
 def _digits(note: str) -> Split:
@@ -193,13 +199,15 @@ def _digits(note: str) -> Split:
 
 def load_split(name: str = "mnist", data_dir: str | os.PathLike[str] | None = None,
                download: bool = False, fallback: bool = True,
-               mirrors: Sequence[str] | None = None) -> Split:
+               mirrors: Sequence[str] | None = None,
+               download_deadline: float = DEFAULT_DOWNLOAD_DEADLINE) -> Split:
     """Load ``name`` ("mnist", "fashion-mnist" or "digits") as a train/validation :class:`Split`.
 
     ``data_dir`` (default :func:`default_data_dir`) holds ``<dataset>/``, or is itself the
-    folder with the files. With ``download=True`` missing
-    files are fetched from ``mirrors`` (default :func:`mirrors_for`) first. Corrupt files
-    always raise :class:`DataFileError`; only *absent* data falls back to digits.
+    folder with the files. With ``download=True`` missing files are fetched from
+    ``mirrors`` (default :func:`mirrors_for`) first, all within ``download_deadline``
+    seconds. Corrupt files always raise :class:`DataFileError`; only *absent* data falls
+    back to digits.
     """
     if name not in NAMES:
         raise ValueError(f"name must be one of {', '.join(NAMES)}, got {name!r}")
@@ -208,7 +216,11 @@ def load_split(name: str = "mnist", data_dir: str | os.PathLike[str] | None = No
     root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
     folder = _dataset_folder(root, name)
     if download:
-        _download_missing(name, folder, tuple(mirrors) if mirrors else mirrors_for(name))
+        try:
+            download_missing(name, folder, tuple(mirrors) if mirrors else mirrors_for(name),
+                             download_deadline)
+        except DownloadError as error:
+            logger.warning("%s", error)
     parts = _present_parts(DATASETS[name], folder)
     if "train" in parts and "test" in parts:
         train_x, train_y = _load_pair(DATASETS[name], *parts["train"])
@@ -231,3 +243,32 @@ def load_split(name: str = "mnist", data_dir: str | os.PathLike[str] | None = No
             "fell back to scikit-learn's bundled 8x8 digits")
     warnings.warn(note, DataFallbackWarning, stacklevel=2)
     return _digits(note)
+
+
+def _fetch_hint(name: str, root: Path) -> str:
+    command = f"batchnorm data fetch {name}"
+    if root != default_data_dir():
+        command += f" --data-dir {root}"
+    return f"`{command}` downloads it (or copy the files there by hand)"
+
+
+def load_requested_split(dataset: str | None = None,
+                         data_dir: str | os.PathLike[str] | None = None) -> Split:
+    """The split a command trains on, as its user asked for it.
+
+    A request (a ``dataset``, a ``data_dir`` or ``$BATCHNORM_DATA``) that cannot be met
+    raises :class:`FileNotFoundError` saying how to get the data. With nothing asked
+    for, MNIST from :func:`default_data_dir`, else scikit-learn's bundled digits, with a
+    :attr:`Split.note` that says so and how to get MNIST."""
+    asked = dataset is not None or data_dir is not None or bool(os.environ.get("BATCHNORM_DATA"))
+    name = dataset or "mnist"
+    root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+    if name == "digits":
+        return load_split("digits")
+    try:
+        return load_split(name, root, fallback=False)
+    except FileNotFoundError as error:
+        if asked:
+            raise FileNotFoundError(f"{error}; {_fetch_hint(name, root)}") from None
+        return _digits(f"no MNIST under {_dataset_folder(root, name)}, so the bundled 8x8 "
+                       f"digits are used instead; {_fetch_hint(name, root)}")

@@ -1,10 +1,12 @@
 """Checksummed downloads from a list of mirrors (urllib only).
 
 Each mirror is tried in order, each up to ``retries`` times with exponential backoff;
-a 4xx answer moves straight on to the next mirror. The body streams into a temporary
-file next to the destination, with a tqdm progress bar when tqdm is installed and
-stderr is a terminal, and is moved into place with :func:`os.replace` only after its
-MD5 matches, so the destination is either absent or complete and verified.
+a 4xx answer or a host name that does not resolve (no network, no DNS) moves straight on
+to the next mirror, and an optional ``deadline`` bounds the whole download, waits
+included, so a host that never answers cannot hold it for minutes. The body streams
+into a temporary file next to the destination, with a tqdm progress bar when tqdm is
+installed and stderr is a terminal, and is moved into place with :func:`os.replace` only
+after its MD5 matches, so the destination is either absent or complete and verified.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import hashlib
 import http.client
 import logging
 import os
+import socket
 import tempfile
 import time
 import urllib.error
@@ -29,7 +32,17 @@ _CHUNK = 1 << 16
 
 
 class DownloadError(OSError):
-    """No mirror delivered a file that passed its checksum."""
+    """No mirror delivered a file that passed its checksum; ``causes`` holds each failed
+    attempt's exception, in order."""
+
+    def __init__(self, message: str, causes: Sequence[BaseException] = ()) -> None:
+        super().__init__(message)
+        self.causes = list(causes)
+
+    @property
+    def offline(self) -> bool:
+        """Every attempt failed because no host name resolved: no network (or no DNS)."""
+        return bool(self.causes) and all(_unresolvable(cause) for cause in self.causes)
 
 
 def file_md5(path: str | os.PathLike[str]) -> str:
@@ -57,8 +70,10 @@ def _progress(total: int | None, name: str):
     return tqdm(total=total, unit="B", unit_scale=True, desc=name, leave=False, disable=None)
 
 
-def _fetch(url: str, destination: Path, md5: str, timeout: float) -> None:
-    """One attempt: stream ``url`` to a temporary file, check it, then move it into place."""
+def _fetch(url: str, destination: Path, md5: str, timeout: float, deadline: float) -> None:
+    """One attempt: stream ``url`` to a temporary file, check it, then move it into place;
+    ``timeout`` bounds each socket operation, ``deadline`` (a ``time.monotonic()``
+    instant) the whole transfer."""
     descriptor, name = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.",
                                         suffix=".part")
     temporary = Path(name)
@@ -71,6 +86,8 @@ def _fetch(url: str, destination: Path, md5: str, timeout: float) -> None:
             received = 0
             try:
                 while chunk := response.read(_CHUNK):
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"deadline passed after {received} bytes")
                     handle.write(chunk)
                     received += len(chunk)
                     if bar is not None:
@@ -87,12 +104,21 @@ def _fetch(url: str, destination: Path, md5: str, timeout: float) -> None:
         temporary.unlink(missing_ok=True)
 
 
+def _unresolvable(error: BaseException) -> bool:
+    """The host name did not resolve: retrying will not help."""
+    reason = error.reason if isinstance(error, urllib.error.URLError) else error
+    return isinstance(reason, socket.gaierror)
+
+
 def download_file(destination: str | os.PathLike[str], mirrors: Sequence[str], md5: str, *,
-                  retries: int = 3, backoff: float = 1.0, timeout: float = 30.0) -> Path:
+                  retries: int = 3, backoff: float = 1.0, timeout: float = 30.0,
+                  deadline: float | None = None) -> Path:
     """Download ``destination.name`` from the first mirror that serves it with MD5 ``md5``.
 
     A mirror is a base URL; the file's URL is ``mirror.rstrip('/') + '/' + name``.
     Attempt ``k`` (from 0) on a mirror is preceded by a ``backoff * 2**(k-1)`` s sleep.
+    ``timeout`` bounds each socket operation; ``deadline``, a ``time.monotonic()``
+    instant, the whole call: no attempt starts or continues past it.
     """
     destination = Path(destination)
     if not mirrors:
@@ -102,19 +128,28 @@ def download_file(destination: str | os.PathLike[str], mirrors: Sequence[str], m
     if backoff < 0:
         raise ValueError(f"backoff must be >= 0 seconds, got {backoff}")
     destination.parent.mkdir(parents=True, exist_ok=True)
-    failures = []
+    deadline = float("inf") if deadline is None else deadline
+    failures, causes = [], []
     for mirror in mirrors:
         url = f"{mirror.rstrip('/')}/{destination.name}"
         for attempt in range(retries):
-            if attempt:
-                time.sleep(backoff * 2 ** (attempt - 1))
+            pause = backoff * 2 ** (attempt - 1) if attempt else 0.0
+            if time.monotonic() + pause >= deadline:
+                failures.append(f"{url}: deadline passed before attempt {attempt + 1}")
+                break
+            if pause:
+                time.sleep(pause)
             try:
-                _fetch(url, destination, md5, timeout)
+                _fetch(url, destination, md5, min(timeout, deadline - time.monotonic()),
+                       deadline)
                 return destination
             except (OSError, http.client.HTTPException, DataFileError) as error:
                 failures.append(f"{url} (attempt {attempt + 1}): {error}")
+                causes.append(error)
                 logger.warning("download failed: %s: %s", url, error)
-                if isinstance(error, urllib.error.HTTPError) and 400 <= error.code < 500:
+                if ((isinstance(error, urllib.error.HTTPError) and 400 <= error.code < 500)
+                        or _unresolvable(error)):
                     break
     raise DownloadError(f"could not download {destination.name} to {destination.parent} "
-                        f"from {len(mirrors)} mirror(s):\n  " + "\n  ".join(failures))
+                        f"from {len(mirrors)} mirror(s):\n  " + "\n  ".join(failures),
+                        causes)

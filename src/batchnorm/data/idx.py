@@ -20,6 +20,8 @@ from typing import BinaryIO
 
 import numpy as np
 
+from batchnorm.errors import FileContentError
+
 __all__ = ["IMAGES_MAGIC", "LABELS_MAGIC", "DataFileError", "read_idx"]
 
 IMAGES_MAGIC = 2051
@@ -32,13 +34,8 @@ _GZIP_MAGIC = b"\x1f\x8b"
 _CHUNK = 1 << 20
 
 
-class DataFileError(ValueError):
+class DataFileError(FileContentError):
     """A data file is corrupt, truncated, of the wrong kind or fails its checksum."""
-
-    def __init__(self, path: str | os.PathLike[str], problem: str, expected: object,
-                 actual: object) -> None:
-        self.path, self.problem, self.expected, self.actual = path, problem, expected, actual
-        super().__init__(f"{path}: {problem}: expected {expected}, got {actual}")
 
 
 def _describe_magic(magic: int) -> str:

@@ -3,8 +3,10 @@
     torchrun --nproc_per_node=2 -m batchnorm.examples.ddp_mnist            # CPU, gloo
     torchrun --nproc_per_node=4 -m batchnorm.examples.ddp_mnist --backend nccl  # GPUs
 
-Uses the MNIST split of :func:`batchnorm.data.load_split` (with only the official test
-files present: 8,000 images train, 2,000 validate). The model is built with
+Uses MNIST as :func:`batchnorm.data.load_requested_split` finds it (with only the
+official test files present: 8,000 images train, 2,000 validate); without MNIST and
+without --data-dir it trains on scikit-learn's bundled 8x8 digits and says so, and a
+--data-dir without MNIST stops with one line saying how to get it. The model is built with
 ``torch.nn.BatchNorm2d`` and converted by :func:`convert_sync_batchnorm`, so every BN
 layer normalizes with the statistics of the global batch. Each epoch prints the mean
 training loss over all processes, the validation accuracy over all processes, and the
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import sys
 import time
 
 import torch
@@ -25,18 +28,19 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from batchnorm.data import load_split
+from batchnorm.data import Split, load_requested_split
 from batchnorm.modules.syncbn import SyncBatchNorm, convert_sync_batchnorm
 
 
-def build_model() -> nn.Module:
-    """Two conv blocks with BatchNorm, then a linear classifier (28x28 -> 10 classes)."""
+def build_model(image_size: int = 28) -> nn.Module:
+    """Two conv blocks with BatchNorm, then a linear classifier (square single-channel
+    images of ``image_size`` pixels -> 10 classes)."""
     return nn.Sequential(
         nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
         nn.MaxPool2d(2),
         nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
         nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(32 * 7 * 7, 10),
+        nn.Flatten(), nn.Linear(32 * (image_size // 4) ** 2, 10),
     )
 
 
@@ -50,7 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train-images", type=int, default=None,
                         help="use only the first N training images (quick runs)")
     parser.add_argument("--data-dir", default=None,
-                        help="folder holding mnist/ (default: $BATCHNORM_DATA)")
+                        help="folder holding mnist/ (default: $BATCHNORM_DATA, else "
+                             "~/.cache/batchnorm; `batchnorm data fetch mnist` fills it)")
     parser.add_argument("--timeout", type=float, default=300.0,
                         help="seconds a collective may wait before failing")
     args = parser.parse_args(argv)
@@ -93,9 +98,27 @@ def _accuracy(model: nn.Module, images: Tensor, labels: Tensor, rank: int, world
     return correct / total
 
 
+def _load_data(data_dir: str | None, rank: int) -> Split | None:
+    """The split (announced by rank 0), or None after one error line when the data asked
+    for is not there."""
+    try:
+        split = load_requested_split(None, data_dir)
+    except (FileNotFoundError, ValueError) as error:  # missing or corrupt files
+        if rank == 0:
+            print(f"ddp_mnist: error: {error}", file=sys.stderr)
+        return None
+    if split.note and rank == 0:
+        print(f"note: {split.note}", flush=True)
+    return split
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    split = _load_data(args.data_dir, rank)  # before any process group: errors exit cleanly
+    if split is None:
+        return 2
     if world > 1:
         dist.init_process_group(args.backend,
                                 timeout=datetime.timedelta(seconds=args.timeout))
@@ -107,10 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device("cpu")
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     try:
-        split = load_split("mnist", args.data_dir, fallback=False)
         train_x, train_y = split.train_x[:args.train_images], split.train_y[:args.train_images]
         torch.manual_seed(0)
-        model = convert_sync_batchnorm(build_model()).to(device)
+        model = convert_sync_batchnorm(build_model(train_x.shape[-1])).to(device)
         if world > 1:
             # No buffer broadcast from rank 0: SyncBatchNorm keeps the running statistics
             # equal on every process by itself, which the printed spread shows.

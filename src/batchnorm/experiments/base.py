@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from batchnorm.experiments.atomic import write_text_atomic
 from batchnorm.experiments.loop import History, RecordHook, Run, train_runs
 
 if TYPE_CHECKING:
@@ -45,34 +46,31 @@ def _data_info(data: Split | None) -> dict[str, Any] | None:
             "image_shape": list(data.train_x.shape[1:])}
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
 def run_experiment(experiment: Experiment, out_dir: str | os.PathLike[str], *,
                    data: Split | None = None, seed: int = 0, config: Any = None,
-                   progress: bool = True, on_record: RecordHook | None = None
-                   ) -> dict[str, Any]:
+                   progress: bool = True, on_record: RecordHook | None = None,
+                   restart: bool = False) -> dict[str, Any]:
     """Run (or resume) ``experiment`` into ``out_dir`` and return its results.
 
     ``config`` defaults to the experiment's full configuration; ``data`` is required when
     the experiment trains. The same seed, configuration and data give a byte-identical
-    ``results.json``, whether or not the run was interrupted and resumed."""
+    ``results.json``, whether or not the run was interrupted and resumed. ``restart``
+    deletes the checkpoint first, so everything is trained again."""
     config = experiment.config if config is None else config
     if experiment.needs_data and data is None:
         raise ValueError(f"experiment {experiment.name!r} trains a model: data must be a "
                          "loaded split, got None")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if restart:
+        (out / CHECKPOINT).unlink(missing_ok=True)
     header = {"experiment": experiment.name, "seed": seed, "config": dataclasses.asdict(config),
               "data": _data_info(data)}
     runs = experiment.runs(config, data, seed)
     histories = {}
     if runs:
-        histories = train_runs(runs, data.train_x, data.train_y, out / CHECKPOINT, header,
-                               progress=progress, desc=experiment.name, on_record=on_record)
+        histories = train_runs(runs, out / CHECKPOINT, header, progress=progress,
+                               desc=experiment.name, on_record=on_record)
     text = json.dumps({**header, **experiment.report(config, histories, seed)}, indent=2)
     write_text_atomic(out / "results.json", text + "\n")
     results = json.loads(text)  # what readers of results.json see: lists, not tuples

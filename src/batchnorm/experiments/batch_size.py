@@ -4,8 +4,9 @@ Table 2, on MNIST with a small CNN).
 BatchNorm's statistics get noisy as the batch shrinks; GroupNorm, LayerNorm and
 InstanceNorm do not depend on the batch; Batch Renormalization and ghost batches are the
 BN variants meant to help. Every method is trained at batch sizes 2..64 for the same
-number of epochs with the learning rate scaled linearly with the batch size; the final
-validation error (eval mode) is recorded.
+number of epochs over the first ``train_size`` training images (only those) with the
+learning rate scaled linearly with the batch size; the final validation error (eval
+mode) is recorded.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from batchnorm.experiments.base import Experiment
 from batchnorm.experiments.loop import History, Run, accuracy, run_seeds
 from batchnorm.experiments.models import small_cnn
-from batchnorm.experiments.plots import markdown_table, save, subplots
+from batchnorm.experiments.plots import data_size, markdown_table, save, subplots, title
 
 if TYPE_CHECKING:
     from batchnorm.data import Split
@@ -55,6 +56,7 @@ def runs(config: Config, data: Split, seed: int) -> list[Run]:
         raise ValueError(f"train_size must be in [1, {len(data.train_x)}] for {data.name}, "
                          f"got {config.train_size}")
     seeds = run_seeds(seed, len(config.batch_sizes))
+    x, y = data.train_x[:config.train_size], data.train_y[:config.train_size]
     metrics = {"val_acc": partial(accuracy, x=data.val_x, y=data.val_y)}
     return [Run(name=_run_name(method, batch_size), seed=run_seed,
                 build=partial(small_cnn, tuple(data.train_x.shape[1:]), 10, method,
@@ -62,7 +64,7 @@ def runs(config: Config, data: Split, seed: int) -> list[Run]:
                               ghost_batch_size=max(2, batch_size // config.ghost_batches)),
                 optimizer=partial(torch.optim.SGD, momentum=config.momentum,
                                   lr=config.learning_rate * batch_size / 32),
-                batch_size=batch_size, records=config.epochs,
+                train_x=x, train_y=y, batch_size=batch_size, records=config.epochs,
                 steps_per_record=config.train_size // batch_size, metrics=metrics)
             for method in config.methods
             for batch_size, run_seed in zip(config.batch_sizes, seeds, strict=True)]
@@ -85,6 +87,9 @@ def plot(results: dict[str, Any], out: Path) -> list[str]:
     axis.set_xlabel("batch size (images per worker)")
     axis.set_ylabel("validation error (%)")
     axis.legend(fontsize="small")
+    config = results["config"]
+    title(figure, results, f"small CNN, {data_size(results, config['train_size'])}, "
+                           f"{config['epochs']} epochs")
     return [save(figure, out, "batch_size.png")]
 
 

@@ -1,10 +1,11 @@
 """init-sweep: BatchNorm makes training insensitive to the weight scale (Saito, *Deep
 Learning from Scratch*, ch. 6.3).
 
-A 784-100x5-10 ReLU MLP with and without BN is trained on 1,000 images with SGD, batches
-of 100 drawn with replacement, from weights ~ N(0, w^2) for 16 scales w in
-logspace(0, -4, 16). Train accuracy (eval mode, on the 1,000 images) is recorded every 10
-updates. Without BN only scales near 0.3-0.16 learn; with BN every scale does.
+A 784-100x5-10 ReLU MLP with and without BN is trained on the first ``train_size``
+(1,000) training images, and only on them, with SGD, batches of 100 drawn with
+replacement, from weights ~ N(0, w^2) for 16 scales w in logspace(0, -4, 16). Train
+accuracy (eval mode, on those same images) is recorded every 10 updates. Without BN only
+scales near 0.3-0.16 learn; with BN every scale does, the small ones best.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from batchnorm.experiments.base import Experiment
 from batchnorm.experiments.loop import History, Run, accuracy
 from batchnorm.experiments.models import norm_layer, stacked_mlp
-from batchnorm.experiments.plots import markdown_table, save, subplots
+from batchnorm.experiments.plots import markdown_table, save, subplots, title
 
 if TYPE_CHECKING:
     from batchnorm.data import Split
@@ -45,8 +46,8 @@ TINY = Config(scales=(1.0, 0.01), hidden=(16, 16), train_size=100, batch_size=20
 
 
 def runs(config: Config, data: Split, seed: int) -> list[Run]:
-    """Two runs (BN, no BN), each the 16 scales' MLPs stacked side by side; both see the
-    same batches."""
+    """Two runs (BN, no BN), each the 16 scales' MLPs stacked side by side, trained on the
+    first ``train_size`` images; both see the same batches."""
     if not 0 < config.train_size <= len(data.train_x):
         raise ValueError(f"train_size must be in [1, {len(data.train_x)}] for {data.name}, "
                          f"got {config.train_size}")
@@ -56,7 +57,7 @@ def runs(config: Config, data: Split, seed: int) -> list[Run]:
     return [Run(name=variant, seed=seed,
                 build=partial(stacked_mlp, sizes, "relu", config.scales, norm=norms[variant]),
                 optimizer=partial(torch.optim.SGD, lr=config.learning_rate),
-                batch_size=config.batch_size, records=config.records,
+                train_x=x, train_y=y, batch_size=config.batch_size, records=config.records,
                 steps_per_record=config.steps_per_record,
                 metrics={"train_acc": partial(accuracy, x=x, y=y)}, replacement=True)
             for variant in VARIANTS]
@@ -85,9 +86,15 @@ def plot(results: dict[str, Any], out: Path) -> list[str]:
         axis.set_ylim(0, 1.02)
     for axis in axes[len(scales):]:
         axis.set_visible(False)
-    axes[0].legend(loc="lower right", fontsize="small")
+    # beside the grid, where it covers no curve
+    figure.legend(*axes[0].get_legend_handles_labels(), loc="center left",
+                  bbox_to_anchor=(1.0, 0.5), frameon=False)
     figure.supxlabel("updates")
-    figure.supylabel("train accuracy")
+    figure.supylabel("train accuracy (eval mode)")
+    config = results["config"]
+    title(figure, results, f"trained and scored on the first {config['train_size']:,} "
+                           f"training images, batch {config['batch_size']}, SGD lr "
+                           f"{config['learning_rate']}")
     return [save(figure, out, "init_sweep.png")]
 
 

@@ -18,7 +18,7 @@ from torch import nn
 from batchnorm.experiments.base import Experiment
 from batchnorm.experiments.loop import History, Run, accuracy, run_seeds
 from batchnorm.experiments.models import mlp, norm_layer
-from batchnorm.experiments.plots import epoch_axis, markdown_table, save, subplots
+from batchnorm.experiments.plots import data_size, epoch_axis, markdown_table, save, subplots, title
 
 if TYPE_CHECKING:
     from batchnorm.data import Split
@@ -47,6 +47,7 @@ def runs(config: Config, data: Split, seed: int) -> list[Run]:
                 build=partial(mlp, sizes, "elu", norm=norm if variant == "bn" else None,
                               norm_logits=True, init=he_init),
                 optimizer=partial(torch.optim.SGD, lr=config.learning_rate),
+                train_x=data.train_x, train_y=data.train_y,
                 batch_size=config.batch_size, records=config.epochs,
                 steps_per_record=len(data.train_x) // config.batch_size,
                 metrics={"val_acc": partial(accuracy, x=data.val_x, y=data.val_y)})
@@ -65,6 +66,9 @@ def plot(results: dict[str, Any], out: Path) -> list[str]:
     epoch_axis(axis)
     axis.set_ylabel("validation accuracy")
     axis.legend()
+    config = results["config"]
+    title(figure, results, f"{data_size(results)}, batch {config['batch_size']}, SGD lr "
+                           f"{config['learning_rate']}")
     return [save(figure, out, "mnist_mlp.png")]
 
 

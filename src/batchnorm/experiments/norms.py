@@ -1,13 +1,14 @@
 """norms: what BatchNorm, LayerNorm, InstanceNorm and GroupNorm reduce over, checked.
 
-On an (N, C, H, W) = (4, 3, 240, 240) tensor whose every (sample, channel) slice has its
+On an (N, C, H, W) = (4, 6, 240, 240) tensor whose every (sample, channel) slice has its
 own offset and scale, each layer's train-mode output is compared with
 ``(x - mean) / sqrt(var + eps)`` computed by :func:`batchnorm.functional.moments` over the
-dims the method is said to reduce: BN over (N, H, W) -> C = 3 groups, LN over (C, H, W)
--> N = 4, IN over (H, W) -> N x C = 12, GN over (C/G, H, W) -> N x G. Any other grouping
-would leave a large difference. Then the running-mean check: one training step of
-BatchNorm1d(16) on ``torch.rand(100, 16, 784)`` moves the running means from 0 to
-momentum x 0.5 = 0.05.
+dims the method is said to reduce: BN over (N, H, W) -> C = 6 groups, LN over (C, H, W)
+-> N = 4, IN over (H, W) -> N x C = 24, GN with G = 2 over (C/G, H, W) -> N x G = 8.
+Any other grouping would leave a large difference. G must lie strictly between 1 and C
+(G = 1 is LayerNorm, G = C InstanceNorm), so the figure shows what a group is. Then the
+running-mean check: one training step of BatchNorm1d(16) on ``torch.rand(100, 16, 784)``
+moves the running means from 0 to momentum x 0.5 = 0.05.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch import nn
 from batchnorm.experiments.base import Experiment
 from batchnorm.experiments.loop import History, Run
 from batchnorm.experiments.models import layers
-from batchnorm.experiments.plots import markdown_table, save, subplots
+from batchnorm.experiments.plots import markdown_table, save, subplots, title
 from batchnorm.functional import moments
 
 if TYPE_CHECKING:
@@ -33,14 +34,14 @@ TOLERANCE = 1e-4  # max |layer - reference| in float32 on unit-variance outputs
 
 @dataclass(frozen=True)
 class Config:
-    shape: tuple[int, int, int, int] = (4, 3, 240, 240)
-    groups: int = 3
+    shape: tuple[int, int, int, int] = (4, 6, 240, 240)
+    groups: int = 2
     eps: float = 1e-5
     running_shape: tuple[int, int, int] = (100, 16, 784)
     momentum: float = 0.1
 
 
-TINY = Config(shape=(4, 3, 24, 24), running_shape=(100, 16, 78))
+TINY = Config(shape=(4, 6, 24, 24), running_shape=(100, 16, 78))
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,9 @@ def _methods(config: Config) -> dict[str, Method]:
 def report(config: Config, histories: dict[str, History], seed: int) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(seed)
     n, c, h, w = config.shape
+    if not 1 < config.groups < c or c % config.groups:
+        raise ValueError(f"groups must divide the {c} channels and lie strictly between 1 "
+                         f"(LayerNorm) and {c} (InstanceNorm), got {config.groups}")
     offset = torch.randn(n, c, 1, 1, generator=generator) * 3
     scale = torch.rand(n, c, 1, 1, generator=generator) * 4 + 0.5
     x = torch.randn(config.shape, generator=generator) * scale + offset
@@ -96,22 +100,33 @@ def report(config: Config, histories: dict[str, History], seed: int) -> dict[str
                              "ok": bool((running_mean - expected).abs().max() < 1e-3)}}
 
 
-def plot(results: dict[str, Any], out: Path) -> list[str]:
-    """Each method's groups on the (N, C) grid: cells of one color share statistics
-    (over all H x W positions)."""
-    n, c = results["config"]["shape"][:2]
-    groups = results["config"]["groups"]
+def group_ids(n: int, c: int, groups: int) -> dict[str, torch.Tensor]:
+    """Per method, an (N, C) grid of statistics-group numbers: cells with the same
+    number share one mean and variance (over all H x W positions)."""
     sample, channel = torch.meshgrid(torch.arange(n), torch.arange(c), indexing="ij")
-    group_ids = {"batch": channel, "layer": sample, "instance": sample * c + channel,
-                 "group": sample * groups + channel // (c // groups)}
-    figure, axes = subplots(1, len(group_ids), size=(2.6, 3.0))
-    for axis, (name, ids) in zip(axes, group_ids.items(), strict=True):
-        axis.imshow(ids.numpy(), cmap="tab20", vmin=0, vmax=19)
+    return {"batch": channel, "layer": sample, "instance": sample * c + channel,
+            "group": sample * groups + channel // (c // groups)}
+
+
+def plot(results: dict[str, Any], out: Path) -> list[str]:
+    """Each method's groups on the (N, C) grid: cells of one color and number share
+    statistics (over all H x W positions)."""
+    config = results["config"]
+    n, c = config["shape"][:2]
+    ids_by_method = group_ids(n, c, config["groups"])
+    figure, axes = subplots(1, len(ids_by_method), size=(2.6, 2.6))
+    for axis, (name, ids) in zip(axes, ids_by_method.items(), strict=True):
+        axis.imshow(ids.numpy() % 20, cmap="tab20", vmin=0, vmax=19)
+        for (row, column), group in zip(torch.cartesian_prod(torch.arange(n), torch.arange(c))
+                                        .tolist(), ids.flatten().tolist(), strict=True):
+            axis.text(column, row, str(group), ha="center", va="center", fontsize="x-small")
         axis.set_title(f"{name}: {results['methods'][name]['groups']} groups")
         axis.set_xlabel("channel C")
         axis.set_xticks(range(c))
         axis.set_yticks(range(n))
     axes[0].set_ylabel("sample N")
+    title(figure, results, f"(N, C, H, W) = {tuple(config['shape'])}, GroupNorm with "
+                           f"G = {config['groups']} groups of {c // config['groups']} channels")
     return [save(figure, out, "norms.png")]
 
 
@@ -131,7 +146,7 @@ def runs(config: Config, data: Split | None, seed: int) -> list[Run]:
 
 EXPERIMENT = Experiment(
     name="norms",
-    description="What BN/LN/IN/GN reduce over on a (4, 3, 240, 240) tensor, and the "
+    description="What BN/LN/IN/GN reduce over on a (4, 6, 240, 240) tensor, and the "
                 "BatchNorm1d running-mean check.",
     config=Config(), tiny=TINY, runs=runs, report=report, plot=plot, table=table,
     needs_data=False)

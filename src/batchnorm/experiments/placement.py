@@ -17,7 +17,7 @@ import torch
 from batchnorm.experiments.base import Experiment
 from batchnorm.experiments.loop import History, Run, accuracy, run_seeds
 from batchnorm.experiments.models import mlp, norm_layer
-from batchnorm.experiments.plots import epoch_axis, markdown_table, save, subplots
+from batchnorm.experiments.plots import data_size, epoch_axis, markdown_table, save, subplots, title
 
 if TYPE_CHECKING:
     from batchnorm.data import Split
@@ -46,6 +46,7 @@ def runs(config: Config, data: Split, seed: int) -> list[Run]:
                               norm_after_activation=placement == "after"),
                 optimizer=partial(torch.optim.SGD, lr=config.learning_rate,
                                   momentum=config.momentum),
+                train_x=data.train_x, train_y=data.train_y,
                 batch_size=config.batch_size, records=config.epochs,
                 steps_per_record=len(data.train_x) // config.batch_size,
                 metrics={"val_acc": partial(accuracy, x=data.val_x, y=data.val_y)})
@@ -71,6 +72,9 @@ def plot(results: dict[str, Any], out: Path) -> list[str]:
         epoch_axis(axis)
     axes[0].set_ylabel("validation accuracy")
     axes[0].legend(fontsize="small")
+    config = results["config"]
+    title(figure, results, f"{data_size(results)}, batch {config['batch_size']}, "
+                           f"hidden {tuple(config['hidden'])}")
     return [save(figure, out, "placement.png")]
 
 

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from batchnorm.experiments.base import Experiment
 from batchnorm.experiments.loop import History, Run, accuracy, run_seeds
 from batchnorm.experiments.models import mlp, norm_layer
-from batchnorm.experiments.plots import markdown_table, save, subplots
+from batchnorm.experiments.plots import data_size, markdown_table, save, subplots, title
 from batchnorm.tools import recalibrate
 
 if TYPE_CHECKING:
@@ -75,6 +75,7 @@ def runs(config: Config, data: Split, seed: int) -> list[Run]:
                               norm=partial(norm_layer, "bn", momentum=momentum)),
                 optimizer=partial(torch.optim.SGD, lr=config.learning_rate,
                                   momentum=config.sgd_momentum),
+                train_x=data.train_x, train_y=data.train_y,
                 batch_size=config.batch_size, records=config.epochs,
                 steps_per_record=len(data.train_x) // config.batch_size, metrics=metrics)
             for momentum in config.momenta]
@@ -98,6 +99,9 @@ def plot(results: dict[str, Any], out: Path) -> list[str]:
     axis.set_xlabel("epoch")
     axis.set_ylabel("validation accuracy (eval mode)")
     axis.legend(fontsize="small")
+    config = results["config"]
+    title(figure, results, f"{data_size(results)}, batch {config['batch_size']}, "
+                           f"{config['recalibration_batches']} recalibration batches")
     return [save(figure, out, "recalibrate.png")]
 
 

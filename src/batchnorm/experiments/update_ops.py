@@ -20,7 +20,7 @@ import torch
 from batchnorm.experiments.base import Experiment
 from batchnorm.experiments.loop import History, Run, accuracy, run_seeds
 from batchnorm.experiments.models import mlp, norm_layer
-from batchnorm.experiments.plots import epoch_axis, markdown_table, save, subplots
+from batchnorm.experiments.plots import data_size, epoch_axis, markdown_table, save, subplots, title
 
 if TYPE_CHECKING:
     from batchnorm.data import Split
@@ -51,6 +51,7 @@ def runs(config: Config, data: Split, seed: int) -> list[Run]:
                 build=partial(mlp, sizes, "leaky_relu",
                               norm=partial(norm_layer, "bn", momentum=momentum)),
                 optimizer=partial(torch.optim.Adam, lr=config.learning_rate),
+                train_x=data.train_x, train_y=data.train_y,
                 batch_size=config.batch_size, records=config.epochs,
                 steps_per_record=len(data.train_x) // config.batch_size, metrics=metrics)
             for name, momentum in VARIANTS.items()]
@@ -74,6 +75,9 @@ def plot(results: dict[str, Any], out: Path) -> list[str]:
     axis.set_ylabel("validation accuracy")
     axis.set_ylim(0, 1.02)
     axis.legend(fontsize="small")
+    config = results["config"]
+    title(figure, results, f"{data_size(results)}, batch {config['batch_size']}, Adam lr "
+                           f"{config['learning_rate']}")
     return [save(figure, out, "update_ops.png")]
 
 
