@@ -47,9 +47,12 @@ def mnist_data_dir() -> Path:
 @pytest.fixture
 def empty_home(tmp_path, monkeypatch) -> Path:
     """A user who configured nothing: no $BATCHNORM_DATA and an empty home, so the
-    default data folder is ``<home>/.cache/batchnorm``; torch's caches (compiled
-    extensions) stay where they were. Returns the home."""
+    default data folder is ``<home>/.cache/batchnorm``; torch's caches and our compiled
+    kernels stay where they were (no rebuild in the empty home). Returns the home."""
+    from batchnorm.kernels import extension
+
     monkeypatch.delenv("BATCHNORM_DATA", raising=False)
+    monkeypatch.setenv(extension.CACHE_ENV, str(extension.build_directory().parent))
     monkeypatch.setenv("XDG_CACHE_HOME", os.environ.get("XDG_CACHE_HOME",
                                                         str(Path.home() / ".cache")))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
