@@ -17,11 +17,16 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch._functorch.config
 
 if not torch.cuda.is_available():  # before batchnorm (and so triton) is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from batchnorm.data import default_data_dir
+
+# Custom operators whose outputs alias inputs or each other fail compiled graphs wherever
+# ``CI`` is set (torch's own switch); the suite fails on them everywhere.
+torch._functorch.config.error_on_custom_op_aliasing = True
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Test helpers shared by several folders (``lookalikes``) import by module name, which

@@ -88,7 +88,7 @@ def batch_norm_forward(prims: ModuleType, input: Tensor, weight: Tensor | None,
     w, b = _table(weight, acc), _table(bias, acc)
     scale = invstd if w is None else invstd * w
     shift = torch.zeros_like(mean) if b is None else b.expand_as(mean)
-    r = d = mean.new_empty(_EMPTY_SHAPE)
+    r, d = mean.new_empty(_EMPTY_SHAPE), mean.new_empty(_EMPTY_SHAPE)  # outputs never alias
     if training and (renorm_clipping is not None or renorm_rd is not None):
         if renorm_rd is None:
             reference_mean = renorm_mean if renorm_mean is not None else running_mean
