@@ -298,7 +298,7 @@ inline at::Tensor table_arg(const at::Tensor& table, int64_t chunks, int64_t cha
               ": ", name, " must have shape (", chunks, ", ", channels, "), got ", table.sizes());
   TORCH_CHECK(table.device().is_cpu(), op, ": ", name, " must be on the CPU, got ",
               table.device());
-  return table.to(acc).contiguous();
+  return (table.scalar_type() == acc ? table : table.to(acc)).contiguous();
 }
 
 inline ChannelShape channel_shape(const at::Tensor& x, int64_t chunk, const char* op) {
