@@ -318,10 +318,13 @@ def test_each_update_moves_every_buffers_version_once():
 
 def test_the_cpu_kernels_are_the_compiled_ones_without_python():
     """Each operator has a CPU kernel of its own (the composite is registered for
-    CompositeExplicitAutograd only), and a training step runs no primitive through Python
-    (the composite calls them as operators)."""
+    CompositeExplicitAutograd only), the differentiable ones an AutogradCPU kernel, and a
+    training step runs no primitive through Python (the composite calls them as operators)."""
     for name in OPERATORS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"batchnorm::{name}", "CPU")
+    for name in ("batch_norm", "group_norm", "layer_norm", "update_running_stats_"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"batchnorm::{name}",
+                                                              "AutogradCPU")
     model = torch.nn.Sequential(batchnorm.BatchNorm2d(4), batchnorm.GroupNorm(2, 4),
                                 batchnorm.LayerNorm(5))
     x = torch.randn(3, 4, 5, 5, requires_grad=True)

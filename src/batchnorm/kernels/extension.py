@@ -1,8 +1,8 @@
 """Builds and loads the C++ CPU kernels (``batchnorm/csrc``) as a PyTorch extension.
 
-The library holds the kernel primitives (``torch.ops.batchnorm_cpu``) and the CPU
-implementations of the :mod:`batchnorm.ops` operators, which register with the dispatcher
-when it loads and from then on take every CPU call of those operators.
+The library holds the kernel primitives (``torch.ops.batchnorm_cpu``) and the CPU and
+AutogradCPU implementations of the :mod:`batchnorm.ops` operators, which register with the
+dispatcher when it loads and from then on take every CPU call of those operators.
 
 The build runs at first use, once per torch version and CPU capability: its output is
 cached under ``$BATCHNORM_CACHE_DIR`` (default ``~/.cache/batchnorm``), so later processes
@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 NAMESPACE = "batchnorm_cpu"
-SOURCES = ("ops.cpp", "channel_reduce.cpp", "channel_map.cpp", "rows.cpp", "norm_ops.cpp")
+SOURCES = ("ops.cpp", "channel_reduce.cpp", "channel_map.cpp", "rows.cpp", "norm_ops.cpp",
+           "autograd.cpp")
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 CACHE_ENV = "BATCHNORM_CACHE_DIR"
 
