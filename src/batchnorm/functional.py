@@ -31,25 +31,36 @@ def _check_eps(eps: float, training: bool) -> None:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
 
 
-def _check_per_channel(name: str, tensor: Tensor | None, channels: int) -> None:
-    if tensor is not None and tensor.numel() != channels:
-        # torch's type; the words the right way round (torch's text names them backwards)
-        raise RuntimeError(f"expected input with {tensor.numel()} channels (the size of "
-                           f"{name}), got input with {channels} channels")
+_CHANNEL_TENSORS = ("running_mean", "running_var", "weight", "bias")
+
+
+def _check_per_channel(channels: int, names: tuple[str, ...],
+                       tensors: tuple[Tensor | None, ...]) -> None:
+    """Each given tensor holds one value per channel."""
+    for name, tensor in zip(names, tensors, strict=True):
+        if tensor is not None and tensor.numel() != channels:
+            # torch's type; the words the right way round (torch's text names them backwards)
+            raise RuntimeError(f"expected input with {tensor.numel()} channels (the size of "
+                               f"{name}), got input with {channels} channels")
 
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def _check_dtypes(op: str, input: Tensor, **tensors: Tensor | None) -> None:
-    """torch's contract: floating input only; parameters and buffers of the input's dtype,
-    or float32 beside float16/bfloat16 input (mixed precision)."""
-    if input.dtype not in _FLOAT_DTYPES:
+_PARAMETER_NAMES = ("weight", "bias", "running_mean", "running_var")
+
+
+def _check_dtypes(op: str, input: Tensor, *tensors: Tensor | None) -> None:
+    """torch's contract: floating input only; parameters and buffers (weight, bias and, for
+    the layers that have them, running_mean and running_var) of the input's dtype, or
+    float32 beside float16/bfloat16 input (mixed precision)."""
+    dtype = input.dtype
+    if dtype not in _FLOAT_DTYPES:
         raise RuntimeError(f"{op}: input dtype {input.dtype} is not supported; expected one "
                            "of float16, bfloat16, float32, float64")
-    for name, tensor in tensors.items():
-        if tensor is None or tensor.dtype == input.dtype:
+    for name, tensor in zip(_PARAMETER_NAMES, tensors, strict=False):
+        if tensor is None or tensor.dtype == dtype:
             continue
         if not (input.dtype in _HALF_DTYPES and tensor.dtype == torch.float32):
             raise RuntimeError(f"{op}: {name} has dtype {tensor.dtype} but input has dtype "
@@ -57,8 +68,9 @@ def _check_dtypes(op: str, input: Tensor, **tensors: Tensor | None) -> None:
                                + (" or torch.float32" if input.dtype in _HALF_DTYPES else ""))
 
 
-def _check_buffers_need_no_grad(**buffers: Tensor | None) -> None:
-    for name, tensor in buffers.items():
+def _check_buffers_need_no_grad(running_mean: Tensor | None, running_var: Tensor | None
+                                ) -> None:
+    for name, tensor in (("running_mean", running_mean), ("running_var", running_var)):
         if tensor is not None and tensor.requires_grad:
             raise RuntimeError(f"{name} must not require grad: running statistics are "
                                "updated in place in training, got requires_grad=True")
@@ -144,13 +156,19 @@ def _normalize_channels(input: Tensor, weight: Tensor | None, bias: Tensor | Non
             reference, input, weight, bias, running_mean, running_var, training, eps, axis,
             chunk, activation, activation_param, renorm_clipping, renorm_mean, renorm_var,
             check=False)
+    elif (axis == 1 and chunk == 0 and activation == "identity" and renorm_clipping is None
+          and renorm_mean is None):
+        # the schema's defaults: an operator call converts each argument it is given
+        out, mean, var, _, _ = ops.batch_norm(input, weight, bias, running_mean, running_var,
+                                              training, eps)
     else:
         out, mean, var, _, _ = ops.batch_norm(
             input, weight, bias, running_mean, running_var, training, eps, axis, chunk,
             activation, activation_param, renorm_clipping, renorm_mean, renorm_var)
     if training and running_mean is not None:
-        batch = input.shape[0]
-        values = input.numel() // input.shape[axis]
+        shape = input.shape
+        batch = shape[0]
+        values = input.numel() // shape[axis]
         count = last_count = values
         if chunk and batch:
             count = values // batch * min(chunk, batch)
@@ -185,24 +203,24 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
     batches; with ``momentum=None`` the running statistics are then cumulative averages.
     A ``reducer`` (SyncBatchNorm) makes the training statistics those of the batch of every
     process it reaches, unless ghost batches keep them per process."""
-    if input.dim() < 2 and axis == 1:
-        raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
-    axis = _normalize_axis(axis, input.dim())
+    dim = input.dim()
+    if dim < 2 and axis == 1:
+        raise ValueError(f"expected at least 2D input (got {dim}D input)")
+    if not 0 <= axis < dim:
+        axis = _normalize_axis(axis, dim)
     channels = input.shape[axis]
-    for name, tensor in (("running_mean", running_mean), ("running_var", running_var),
-                         ("weight", weight), ("bias", bias)):
-        _check_per_channel(name, tensor, channels)
-    _check_dtypes("batch_norm", input, weight=weight, bias=bias, running_mean=running_mean,
-                  running_var=running_var)
+    _check_per_channel(channels, _CHANNEL_TENSORS, (running_mean, running_var, weight, bias))
+    _check_dtypes("batch_norm", input, weight, bias, running_mean, running_var)
     if training:
         if input.numel() // max(channels, 1) == 1 and reducer is None:  # it checks the merge
             raise ValueError("Expected more than 1 value per channel when training, "
                              f"got input size {input.size()}")
-        _check_buffers_need_no_grad(running_mean=running_mean, running_var=running_var)
+        _check_buffers_need_no_grad(running_mean, running_var)
     elif running_mean is None or running_var is None:
         raise ValueError("running_mean and running_var must be given when training=False")
     _check_eps(eps, training)
-    check_ghost_batch_size(ghost_batch_size)
+    if ghost_batch_size is not None:
+        check_ghost_batch_size(ghost_batch_size)
     act = make_activation(activation, activation_param)
     clipping = None
     if renorm:
@@ -238,8 +256,7 @@ def _check_renorm_references(running_mean: Tensor | None, running_var: Tensor | 
         raise ValueError("renorm_mean and renorm_var must be given together, got "
                          f"renorm_mean={type(renorm_mean).__name__}, "
                          f"renorm_var={type(renorm_var).__name__}")
-    for name, tensor in (("renorm_mean", renorm_mean), ("renorm_var", renorm_var)):
-        _check_per_channel(name, tensor, channels)
+    _check_per_channel(channels, ("renorm_mean", "renorm_var"), (renorm_mean, renorm_var))
     if renorm_mean is None and (running_mean is None or running_var is None):
         raise ValueError("renorm=True measures r and d against running_mean and running_var "
                          "(or renorm_mean and renorm_var), but they were not given")
@@ -253,17 +270,14 @@ def instance_norm(input: Tensor, running_mean: Tensor | None = None,
     (BatchNorm with chunks of one sample; the running statistics average the instances)."""
     if input.dim() < 3:
         raise ValueError(f"expected at least 3D input (got {input.dim()}D input)")
-    channels = input.shape[1]
-    for name, tensor in (("running_mean", running_mean), ("running_var", running_var),
-                         ("weight", weight), ("bias", bias)):
-        _check_per_channel(name, tensor, channels)
-    _check_dtypes("instance_norm", input, weight=weight, bias=bias, running_mean=running_mean,
-                  running_var=running_var)
+    _check_per_channel(input.shape[1], _CHANNEL_TENSORS,
+                       (running_mean, running_var, weight, bias))
+    _check_dtypes("instance_norm", input, weight, bias, running_mean, running_var)
     if use_input_stats:
         if math.prod(input.shape[2:]) == 1:
             raise ValueError("Expected more than 1 spatial element when training, "
                              f"got input size {input.size()}")
-        _check_buffers_need_no_grad(running_mean=running_mean, running_var=running_var)
+        _check_buffers_need_no_grad(running_mean, running_var)
     elif running_mean is None or running_var is None:
         raise ValueError("running_mean and running_var must be given when "
                          "use_input_stats=False")
@@ -293,7 +307,7 @@ def group_norm(input: Tensor, num_groups: int, weight: Tensor | None = None,
             raise RuntimeError(f"Expected {name} to be a vector of size equal to the number "
                                f"of channels in input, but got {name} of shape "
                                f"{list(tensor.shape)} and input of shape {list(input.shape)}")
-    _check_dtypes("group_norm", input, weight=weight, bias=bias)
+    _check_dtypes("group_norm", input, weight, bias)
     _check_eps(eps, training=False)
     if _decompose():
         return decomposed.group_norm(input, num_groups, weight, bias, eps)
@@ -318,7 +332,7 @@ def layer_norm(input: Tensor, normalized_shape: Sequence[int] | int,
             raise RuntimeError(f"Expected {name} to be of same shape as normalized_shape, "
                                f"but got {name} of shape {list(tensor.shape)} and "
                                f"normalized_shape = {list(shape)}")
-    _check_dtypes("layer_norm", input, weight=weight, bias=bias)
+    _check_dtypes("layer_norm", input, weight, bias)
     _check_eps(eps, training=False)
     if _decompose():
         return decomposed.layer_norm(input, ndim, weight, bias, eps)

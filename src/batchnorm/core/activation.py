@@ -25,6 +25,8 @@ IDENTITY = Activation()
 
 def make_activation(name: str | None, param: float | None = None) -> Activation:
     """Validate a user-facing activation name and parameter."""
+    if name is None and param is None:  # the default of every layer, on every call
+        return IDENTITY
     name = "identity" if name is None else name
     if name not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS} or None, got {name!r}")

@@ -6,6 +6,8 @@ the Triton kernels on CUDA, and the plain-torch reference for anything else or w
 compiled backend is unavailable. ``BATCHNORM_BACKEND`` (read once, at import) or
 :func:`use_backend` forces one: ``torch`` (the reference everywhere), ``cpp``, or ``triton``
 (also on CPU tensors when ``TRITON_INTERPRET=1``, for testing the kernels without a GPU).
+The compiled C++ operators, which otherwise take the operators' CPU calls whole, hand them
+to the composite implementation while ``torch`` or ``triton`` is forced.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from types import ModuleType
 
 import torch
 
-from batchnorm.kernels import reference
+from batchnorm.kernels import extension, reference
 
 BACKENDS = ("torch", "cpp", "triton")
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -31,7 +33,14 @@ def _parse(choice: str | None) -> str | None:
     return choice
 
 
-_forced = _parse(os.environ.get("BATCHNORM_BACKEND"))
+def _force(choice: str | None) -> None:
+    global _forced
+    _forced = choice
+    extension.run_composite_operators(choice in ("torch", "triton"))
+
+
+_forced: str | None = None
+_force(_parse(os.environ.get("BATCHNORM_BACKEND")))
 
 
 def forced_backend() -> str | None:
@@ -42,17 +51,17 @@ def forced_backend() -> str | None:
 @contextlib.contextmanager
 def use_backend(name: str | None) -> Iterator[None]:
     """Force backend ``name`` (None: the default choice) inside the block."""
-    global _forced
-    previous, _forced = _forced, _parse(name)
+    previous = _forced
+    _force(_parse(name))
     try:
         yield
     finally:
-        _forced = previous
+        _force(previous)
 
 
 @functools.cache
 def _cpp() -> ModuleType | None:
-    from batchnorm.kernels import cpu, extension
+    from batchnorm.kernels import cpu
     return cpu if extension.available() else None
 
 

@@ -1,11 +1,17 @@
 """Builds and loads the C++ CPU kernels (``batchnorm/csrc``) as a PyTorch extension.
 
+The library holds the kernel primitives (``torch.ops.batchnorm_cpu``) and the CPU and
+AutogradCPU implementations of the :mod:`batchnorm.ops` operators, which register with the
+dispatcher when it loads and from then on take every CPU call of those operators.
+
 The build runs at first use, once per torch version and CPU capability: its output is
 cached under ``$BATCHNORM_CACHE_DIR`` (default ``~/.cache/batchnorm``), so later processes
 only load the library. torch's ``cpp_extension.load`` guards the build directory with a
 file baton (concurrent processes wait for one build) and rebuilds when the sources or flags
 change; a lock does the same for threads of this process. If the build fails (no compiler,
-no ninja), :func:`available` is False and one warning says why.
+no ninja), :func:`available` is False and one warning says why. :func:`load_cached` loads a
+cached build of the current sources without compiling (nor importing the build tools), as
+importing :mod:`batchnorm.ops` does.
 
 The kernels use ATen's ``Vectorized``, which picks its implementation from the
 ``CPU_CAPABILITY_*`` macros: AVX2 (``-mavx2 -mfma -mf16c``) when torch reports AVX2 or
@@ -15,6 +21,7 @@ better, ATen's portable fallback otherwise. With torch's OpenMP backend ``-fopen
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
@@ -24,13 +31,15 @@ from pathlib import Path
 import torch
 
 NAMESPACE = "batchnorm_cpu"
-SOURCES = ("ops.cpp", "channel_reduce.cpp", "channel_map.cpp", "rows.cpp")
+SOURCES = ("ops.cpp", "channel_reduce.cpp", "channel_map.cpp", "rows.cpp", "norm_ops.cpp",
+           "autograd.cpp")
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 CACHE_ENV = "BATCHNORM_CACHE_DIR"
 
 _lock = threading.Lock()
 _loaded: bool | None = None  # None: not tried yet
 _build_seconds: float | None = None
+_composite_operators = False
 
 
 def _avx2() -> bool:
@@ -58,6 +67,20 @@ def build_directory() -> Path:
     return Path(root) / key.replace("+", "_")
 
 
+def _source_key() -> str:
+    """A digest of what the library is built from: torch, the flags and every source."""
+    digest = hashlib.sha256(f"{torch.__version__} {compile_flags()}".encode())
+    for path in sorted(CSRC.glob("*.[ch]*")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _stamp() -> Path:
+    """Names the library built from the sources of :func:`_source_key`, once it is built."""
+    return build_directory() / f"{NAMESPACE}.stamp"
+
+
 def _build() -> None:
     from torch.utils import cpp_extension
 
@@ -65,8 +88,9 @@ def _build() -> None:
     directory = build_directory()
     directory.mkdir(parents=True, exist_ok=True)
     flags = compile_flags()
+    key = _source_key()
     start = time.perf_counter()
-    cpp_extension.load(
+    library = cpp_extension.load(
         name=NAMESPACE,
         sources=[str(CSRC / name) for name in SOURCES],
         extra_cflags=flags,
@@ -76,6 +100,34 @@ def _build() -> None:
         verbose=False,
     )
     _build_seconds = time.perf_counter() - start
+    _stamp().write_text(f"{key}\n{Path(library).name}\n")
+    _loaded_now()
+
+
+def _loaded_now() -> None:
+    torch.ops.batchnorm_cpu.defer_to_composite(_composite_operators)
+
+
+def load_cached() -> bool:
+    """Loads the kernels if the cache holds a build of the current sources (never compiles);
+    returns whether they are loaded."""
+    global _loaded, _build_seconds
+    if _loaded is None:
+        with _lock:
+            if _loaded is None:
+                try:
+                    key, name = _stamp().read_text().split()
+                except (OSError, ValueError):
+                    return False
+                library = build_directory() / name
+                if key != _source_key() or not library.is_file():
+                    return False
+                start = time.perf_counter()
+                torch.ops.load_library(str(library))
+                _build_seconds = time.perf_counter() - start
+                _loaded = True
+                _loaded_now()
+    return bool(_loaded)
 
 
 def _summary(error: Exception, limit: int = 300) -> str:
@@ -112,6 +164,17 @@ def available() -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def run_composite_operators(enabled: bool) -> None:
+    """While enabled, the compiled CPU operators hand each call to their composite
+    implementation (the core in Python over the primitives :func:`batchnorm.kernels.primitives`
+    picks), so that a backend forced by :func:`batchnorm.kernels.use_backend` reaches the
+    operators too. Applies now if the kernels are loaded, else when they load."""
+    global _composite_operators
+    _composite_operators = enabled
+    if _loaded:
+        _loaded_now()
 
 
 def build_seconds() -> float | None:

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch.nn.parameter import UninitializedBuffer, is_lazy
 
 from batchnorm import functional as F
@@ -115,18 +116,18 @@ class _BatchNormForward:
                 "renorm_clipping": self.renorm_clipping,
                 "renorm_momentum": self.renorm_momentum}
 
-    def _statistics_policy(self) -> dict[str, Any]:
-        """Batch statistics in training, or in eval when there are no buffers; buffers are
+    def _statistics_policy(self) -> tuple[bool, Tensor | None, Tensor | None, Tensor | None]:
+        """``(training, running_mean, running_var, num_batches_tracked)`` for the functional
+        call: batch statistics in training, or in eval when there are no buffers; buffers are
         passed only when they are used or updated, and the batch is counted only when they
         are updated (torch's rule, also after ``track_running_stats`` is flipped on a built
         module)."""
-        pass_buffers = not self.training or self.track_running_stats
-        return {"training": self.training or (self.running_mean is None
-                                              and self.running_var is None),
-                "running_mean": self.running_mean if pass_buffers else None,
-                "running_var": self.running_var if pass_buffers else None,
-                "num_batches_tracked": self.num_batches_tracked
-                if self.training and self.track_running_stats else None}
+        running_mean, running_var = self.running_mean, self.running_var
+        if self.training:
+            if self.track_running_stats:
+                return True, running_mean, running_var, self.num_batches_tracked
+            return True, None, None, None
+        return running_mean is None and running_var is None, running_mean, running_var, None
 
     def _batch_norm_options(self) -> dict[str, Any]:
         """Keyword options forwarded to the functional core (variants add theirs)."""
@@ -150,10 +151,11 @@ class _BatchNormForward:
                           *(f"{name}={value!r}" for name, value in options.items())])
 
     def forward(self, input: Tensor) -> Tensor:
-        if not torch.fx._symbolic_trace.is_fx_symbolic_tracing():
+        if not is_fx_symbolic_tracing():
             self._check_input_dim(input)
-        return batch_norm(input, weight=self.weight, bias=self.bias, momentum=self.momentum,
-                          eps=self.eps, **self._statistics_policy(),
+        training, running_mean, running_var, num_batches_tracked = self._statistics_policy()
+        return batch_norm(input, running_mean, running_var, self.weight, self.bias, training,
+                          self.momentum, self.eps, num_batches_tracked=num_batches_tracked,
                           **self._batch_norm_options())
 
 

@@ -21,7 +21,7 @@ from torch import Tensor
 from batchnorm import kernels
 from batchnorm.core import layout, normalize
 from batchnorm.core.policy import update_running_stats
-from batchnorm.kernels import reference
+from batchnorm.kernels import extension, reference
 from batchnorm.kernels.reference import accumulation_dtype
 
 __all__ = ["batch_norm", "group_norm", "layer_norm", "update_running_stats_"]
@@ -332,3 +332,10 @@ batch_norm = torch.ops.batchnorm.batch_norm.default
 group_norm = torch.ops.batchnorm.group_norm.default
 layer_norm = torch.ops.batchnorm.layer_norm.default
 update_running_stats_ = torch.ops.batchnorm.update_running_stats_.default
+
+# The compiled CPU and AutogradCPU implementations (batchnorm/csrc) register when their
+# library loads: here if the cache holds a build of the current sources, else at the first
+# CPU call, whose composite builds the kernels (kernels.primitives), so importing never
+# compiles. A backend forced at import other than cpp leaves them unloaded.
+if kernels.forced_backend() in (None, "cpp"):
+    extension.load_cached()

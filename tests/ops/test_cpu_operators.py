@@ -1,0 +1,375 @@
+"""The compiled CPU implementations of the operators (batchnorm/csrc/norm_ops.cpp and
+autograd.cpp) against their specification, the composite implementation in Python
+(:mod:`batchnorm.core.normalize` over kernel primitives): in float64 over the reference
+primitives, and in the input's dtype over the same C++ primitives, where only the order of
+a few sums and the rounding of square roots may differ. Cases: BatchNorm, ghost batches with
+an uneven last chunk, Batch Renormalization, InstanceNorm, GroupNorm and LayerNorm, NCHW and
+channels-last, float32, float64 and bfloat16 (with float32 parameters), with a mean offset
+and a constant channel. Also: that the CPU kernels are the compiled ones, what a forced
+backend and a rejected batch do, and that importing never compiles."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import batchnorm
+from batchnorm import kernels
+from batchnorm.core import normalize
+from batchnorm.core.policy import update_running_stats
+from batchnorm.kernels import cpu, extension, reference
+
+ops = torch.ops.batchnorm
+OPERATORS = ("batch_norm", "batch_norm_backward", "update_running_stats_", "group_norm",
+             "group_norm_backward", "layer_norm", "layer_norm_backward")
+DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+EPS = 1e-3
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compiled_operators():
+    if not extension.available():
+        pytest.skip("the C++ CPU kernels could not be built on this machine (see the warning)")
+
+
+def _data(shape: tuple[int, ...], dtype: torch.dtype, channels_last: bool,
+          offset: float) -> torch.Tensor:
+    """Values with a mean offset, channel 0 constant."""
+    generator = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, generator=generator, dtype=torch.float64) * 2 + offset
+    x[:, 0] = offset + 0.5
+    x = x.to(dtype)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def _parameters(channels: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """float32 parameters and buffers beside bfloat16 input (mixed precision)."""
+    dtype = torch.float32 if dtype == torch.bfloat16 else dtype
+    return {"weight": torch.linspace(0.5, 1.5, channels, dtype=dtype),
+            "bias": torch.linspace(-1, 1, channels, dtype=dtype),
+            "running_mean": torch.linspace(-0.5, 0.5, channels, dtype=dtype),
+            "running_var": torch.linspace(0.5, 2, channels, dtype=dtype)}
+
+
+def _float64(values):
+    return [v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+            for v in values]
+
+
+def _check(actual, expected, dtype: torch.dtype, rtol: float, atol: float, what: str):
+    """Tensors of the same shape, dtype and strides; values within atol * (max |expected|,
+    at least 1) + rtol * |expected|, in float64."""
+    for index, (a, e) in enumerate(zip(actual, expected, strict=True)):
+        e = torch.empty(0) if e is None else e
+        assert a.shape == e.shape, (what, index)
+        if a.numel() == 0:
+            continue
+        scale = max(1.0, e.double().abs().max().item())
+        torch.testing.assert_close(a.double(), e.double(), rtol=rtol, atol=atol * scale,
+                                   msg=f"{what}, output {index}")
+
+
+# (name, input shape, training, chunk, renorm clipping, activation)
+BATCH_NORM_CASES = [
+    ("batch norm", (6, 4, 5, 5), True, 0, None, "identity"),
+    ("batch norm (N, C)", (8, 16), True, 0, None, "identity"),
+    ("eval", (6, 4, 5, 5), False, 0, None, "identity"),
+    ("ghost, uneven last chunk", (8, 4, 3, 3), True, 3, None, "identity"),
+    ("renorm", (6, 4, 5, 5), True, 0, [1.2, 0.8, 0.1], "identity"),
+    ("ghost renorm + silu", (8, 4, 3, 3), True, 3, [1.2, 0.8, 0.1], "silu"),
+    ("instance norm", (3, 4, 6, 5), True, 1, None, "identity"),
+    ("relu", (6, 4, 5, 5), True, 0, None, "relu"),
+]
+
+
+def _batch_norm_args(shape, training, chunk, clipping, activation, dtype, channels_last,
+                     offset):
+    x = _data(shape, dtype, channels_last and len(shape) == 4, offset)
+    p = _parameters(shape[1], dtype)
+    return (x, p["weight"], p["bias"], p["running_mean"], p["running_var"], training, EPS, 1,
+            chunk, activation, 0.0, clipping, None, None)
+
+
+def _batch_norm_backward(prims, args, forward):
+    x = args[0]
+    dy = torch.cos(torch.arange(x.numel(), dtype=torch.float64).view(x.shape)).to(x.dtype)
+    grads = []
+    for mask in ([True, True, True], [True, False, False], [False, True, True]):
+        options = (args[5], EPS, 1, args[8], args[9], 0.0, mask)
+        if prims is None:
+            grads += list(ops.batch_norm_backward(dy, x, *args[1:3], *forward[1:], *options))
+        else:
+            dy_, x_, w_, b_ = (dy, x, *args[1:3]) if prims is cpu else _float64((dy, x,
+                                                                                 *args[1:3]))
+            grads += list(normalize.batch_norm_backward(prims, dy_, x_, w_, b_, *forward[1:],
+                                                        *options))
+    return grads
+
+
+# a relu gate at z = 0 may flip between precisions: relu is compared over the same kernels
+SMOOTH_CASES = [case for case in BATCH_NORM_CASES if case[5] != "relu"]
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["NCHW", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", SMOOTH_CASES, ids=[c[0] for c in SMOOTH_CASES])
+def test_batch_norm_matches_the_composite_in_float64(case, dtype, channels_last):
+    """Outputs and gradients within the input dtype's precision of the composite's in
+    float64 under a mean offset of 100 (bfloat16: its rounding of the output)."""
+    _, shape, training, chunk, clipping, activation = case
+    args = _batch_norm_args(shape, training, chunk, clipping, activation, dtype,
+                            channels_last, 100.0)
+    actual = ops.batch_norm(*args)
+    expected = normalize.batch_norm_forward(reference, *_float64(args))
+    atol = {torch.float32: 2e-5, torch.float64: 1e-10, torch.bfloat16: 1.6e-2}[dtype]
+    _check(actual, expected, dtype, 0, atol, "forward")
+    _check(_batch_norm_backward(None, args, actual),
+           _batch_norm_backward(reference, args, _float64(expected)), dtype, 0, 4 * atol,
+           "backward")
+
+
+def _same_kernel_tolerance(dtype: torch.dtype) -> float:
+    """A few roundings of the accumulation dtype (float32 for bfloat16 statistics, whose
+    outputs round once more: one bfloat16 step)."""
+    return {torch.float32: 1e-6, torch.float64: 1e-14, torch.bfloat16: 8e-3}[dtype]
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["NCHW", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", BATCH_NORM_CASES, ids=[c[0] for c in BATCH_NORM_CASES])
+def test_batch_norm_matches_the_composite_over_the_same_kernels(case, dtype, channels_last):
+    """Same dtype, same primitives: the table math reproduces the composite's to a few
+    roundings, and output memory formats are identical."""
+    _, shape, training, chunk, clipping, activation = case
+    args = _batch_norm_args(shape, training, chunk, clipping, activation, dtype,
+                            channels_last, 3.0)
+    actual = ops.batch_norm(*args)
+    expected = normalize.batch_norm_forward(cpu, *args)
+    assert actual[0].stride() == expected[0].stride()
+    tolerance = _same_kernel_tolerance(dtype)
+    _check(actual, expected, dtype, tolerance, tolerance, "forward")
+    actual_grads = _batch_norm_backward(None, args, actual)
+    expected_grads = _batch_norm_backward(cpu, args, expected)
+    for a, e in zip(actual_grads, expected_grads, strict=True):
+        if e is not None:
+            assert a.stride() == e.stride() and a.dtype == e.dtype
+    _check(actual_grads, expected_grads, dtype, tolerance, tolerance, "backward")
+
+
+def _statistics_counts(shape: tuple[int, ...], chunk: int) -> tuple[int, int]:
+    values = torch.Size(shape).numel() // shape[1]
+    if not chunk:
+        return values, values
+    batch = shape[0]
+    return values // batch * min(chunk, batch), values // batch * (batch % chunk or chunk)
+
+
+@pytest.mark.parametrize("momentum", [0.1, 0.7, None], ids=["0.1", "0.7", "cumulative"])
+@pytest.mark.parametrize("buffer_dtype", [torch.float32, torch.float64, torch.bfloat16],
+                         ids=str)
+@pytest.mark.parametrize("case", BATCH_NORM_CASES[:2] + BATCH_NORM_CASES[3:4]
+                         + BATCH_NORM_CASES[6:7], ids=["bn", "bn (N, C)", "ghost", "instance"])
+def test_update_running_stats_matches_the_composite(case, buffer_dtype, momentum):
+    _, shape, _, chunk, _, _ = case
+    dtype = torch.float64 if buffer_dtype == torch.float64 else torch.float32
+    args = _batch_norm_args(shape, True, chunk, None, "identity", dtype, False, 3.0)
+    _, mean, var, _, _ = ops.batch_norm(*args)
+    count, last_count = _statistics_counts(shape, chunk)
+    p = _parameters(shape[1], buffer_dtype)
+    buffers = [p["running_mean"].to(buffer_dtype), p["running_var"].to(buffer_dtype),
+               torch.tensor(4)]
+    expected = [b.clone() for b in buffers]
+    ops.update_running_stats_(*buffers, mean, var, count, last_count, momentum)
+    update_running_stats(*expected, mean, var, count, last_count, momentum)
+    for actual, wanted in zip(buffers, expected, strict=True):
+        tolerance = _same_kernel_tolerance(wanted.dtype) if wanted.is_floating_point() else 0
+        torch.testing.assert_close(actual, wanted, rtol=tolerance, atol=tolerance)
+
+
+GROUP_NORM_CASES = [((3, 4, 6, 5), 2), ((3, 4, 6, 5), 1), ((16, 8, 3, 3), 4), ((4, 6), 3)]
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["NCHW", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,groups", GROUP_NORM_CASES,
+                         ids=[f"{s}/{g}" for s, g in GROUP_NORM_CASES])
+def test_group_norm_matches_the_composite(shape, groups, dtype, channels_last):
+    """In float64 over the reference primitives, and over the same kernels."""
+    x = _data(shape, dtype, channels_last and len(shape) == 4, 3.0)
+    p = _parameters(shape[1], dtype)
+    dy = torch.cos(torch.arange(x.numel(), dtype=torch.float64).view(shape)).to(dtype)
+    args = (x, p["weight"], p["bias"], groups, EPS)
+    actual = ops.group_norm(*args)
+    grads = ops.group_norm_backward(dy, *args[:3], *actual[1:], groups, [True, True, True])
+    for prims, tolerance, atol in (
+            (reference, 0, {torch.float32: 2e-6, torch.float64: 1e-12,
+                            torch.bfloat16: 1.6e-2}[dtype]),
+            (cpu, _same_kernel_tolerance(dtype), _same_kernel_tolerance(dtype))):
+        cast = _float64 if prims is reference else list
+        expected = normalize.group_norm_forward(prims, *cast(args))
+        expected_grads = normalize.group_norm_backward(prims, *cast((dy, *args[:3])),
+                                                       *expected[1:], groups,
+                                                       [True, True, True])
+        if prims is cpu:
+            assert actual[0].stride() == expected[0].stride()
+        _check(actual, expected, dtype, tolerance, atol, "forward")
+        _check(grads, expected_grads, dtype, tolerance, 4 * atol, "backward")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,normalized_ndim", [((3, 5, 4, 7), 2), ((16, 32), 1)],
+                         ids=["(3, 5, 4, 7)/2", "(16, 32)/1"])
+def test_layer_norm_matches_the_composite(shape, normalized_ndim, dtype):
+    x = _data(shape, dtype, False, 3.0)
+    normalized = shape[-normalized_ndim:]
+    parameter_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
+    weight = torch.linspace(0.5, 1.5, torch.Size(normalized).numel(),
+                            dtype=parameter_dtype).view(normalized)
+    bias = torch.linspace(-1, 1, weight.numel(), dtype=parameter_dtype).view(normalized)
+    dy = torch.cos(torch.arange(x.numel(), dtype=torch.float64).view(shape)).to(dtype)
+    args = (x, normalized_ndim, weight, bias, EPS)
+    actual = ops.layer_norm(*args)
+    grads = ops.layer_norm_backward(dy, x, normalized_ndim, weight, bias, *actual[1:],
+                                    [True, True, True])
+    expected = normalize.layer_norm_forward(cpu, *args)
+    expected_grads = normalize.layer_norm_backward(cpu, dy, x, normalized_ndim, weight, bias,
+                                                   *expected[1:], [True, True, True])
+    tolerance = _same_kernel_tolerance(dtype)
+    _check(actual, expected, dtype, tolerance, tolerance, "forward")
+    _check(grads, expected_grads, dtype, tolerance, tolerance, "backward")
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (4, 3, 0), (0, 3, 2, 2)], ids=str)
+def test_empty_inputs_match_the_composite(shape):
+    x = torch.randn(shape)
+    p = _parameters(3, torch.float32)
+    cases = [
+        (ops.batch_norm, normalize.batch_norm_forward,
+         (x, p["weight"], p["bias"], p["running_mean"], p["running_var"], True, EPS)),
+        (ops.batch_norm, normalize.batch_norm_forward,
+         (x, p["weight"], p["bias"], p["running_mean"], p["running_var"], False, EPS)),
+        (ops.group_norm, normalize.group_norm_forward, (x, p["weight"], p["bias"], 3, EPS)),
+    ]
+    for operator, composite, args in cases:
+        full = args + ((1, 0, "identity", 0.0, None, None, None) if len(args) == 7 else ())
+        actual, expected = operator(*args), composite(cpu, *full)
+        for a, e in zip(actual, expected, strict=True):
+            assert a.shape == e.shape and a.dtype == e.dtype
+            if a.numel():
+                assert torch.equal(a, e)
+    grads = ops.batch_norm_backward(x, x, p["weight"], p["bias"], torch.zeros(1, 3),
+                                    torch.ones(1, 3), torch.empty(0), torch.empty(0), True,
+                                    EPS, 1, 0, "identity", 0.0, [True, True, True])
+    assert grads[0].shape == x.shape and not grads[0].any()
+    assert torch.equal(grads[1], torch.zeros(3)) and torch.equal(grads[2], torch.zeros(3))
+
+
+def test_a_non_finite_batch_raises_before_any_buffer_changes():
+    x = _data((6, 4, 5, 5), torch.float32, False, 0.0)
+    x[2, 1, 3, 3] = float("nan")
+    p = _parameters(4, torch.float32)
+    with pytest.raises(ValueError, match="input contains NaN or infinity: batch statistics "
+                                         "are not finite"):
+        ops.batch_norm(x, p["weight"], p["bias"], p["running_mean"], p["running_var"], True,
+                       EPS)
+    buffers = [p["running_mean"], p["running_var"], torch.tensor(2)]
+    before = [b.clone() for b in buffers]
+    mean = torch.zeros(1, 4)
+    mean[0, 2] = float("inf")
+    with pytest.raises(ValueError, match="input contains NaN or infinity"):
+        ops.update_running_stats_(*buffers, mean, torch.ones(1, 4), 150, 150, 0.1)
+    for buffer, original in zip(buffers, before, strict=True):
+        assert torch.equal(buffer, original)
+
+
+def test_buffer_overflow_raises_with_the_composites_message():
+    huge = torch.full((1, 3), 1e5)
+
+    def message(update) -> str:
+        buffers = [torch.zeros(3, dtype=torch.float16), torch.ones(3, dtype=torch.float16),
+                   None]
+        with pytest.raises(ValueError) as error:
+            update(*buffers, huge, torch.ones(1, 3), 8, 8, 0.9)
+        assert torch.equal(buffers[0], torch.zeros(3, dtype=torch.float16))
+        return str(error.value)
+
+    expected = message(update_running_stats)
+    assert message(ops.update_running_stats_) == expected
+    assert "running_mean overflows its torch.float16 buffer (new values up to 9e+04)" in \
+        expected
+
+
+def test_each_update_moves_every_buffers_version_once():
+    """In-place updates are visible to autograd's version checks, as torch's copy_ makes
+    them."""
+    buffers = _parameters(3, torch.float32)
+    counter = torch.tensor(0)
+    versions = [buffers["running_mean"]._version, buffers["running_var"]._version,
+                counter._version]
+    ops.update_running_stats_(buffers["running_mean"], buffers["running_var"], counter,
+                              torch.zeros(1, 3), torch.ones(1, 3), 8, 8, 0.1)
+    assert [buffers["running_mean"]._version, buffers["running_var"]._version,
+            counter._version] == [v + 1 for v in versions]
+
+
+def test_the_cpu_kernels_are_the_compiled_ones_without_python():
+    """Each operator has a CPU kernel of its own (the composite is registered for
+    CompositeExplicitAutograd only), the differentiable ones an AutogradCPU kernel, and a
+    training step runs no primitive through Python (the composite calls them as operators)."""
+    for name in OPERATORS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"batchnorm::{name}", "CPU")
+    for name in ("batch_norm", "group_norm", "layer_norm", "update_running_stats_"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"batchnorm::{name}",
+                                                              "AutogradCPU")
+    model = torch.nn.Sequential(batchnorm.BatchNorm2d(4), batchnorm.GroupNorm(2, 4),
+                                batchnorm.LayerNorm(5))
+    x = torch.randn(3, 4, 5, 5, requires_grad=True)
+    with torch.profiler.profile() as profile:
+        model(x).sum().backward()
+    names = {event.name for event in profile.events()}
+    assert "batchnorm::batch_norm" in names and "batchnorm::layer_norm_backward" in names
+    assert not {name for name in names if name.startswith("batchnorm_cpu::")}
+
+
+def test_a_forced_backend_reaches_the_operators(monkeypatch):
+    calls = []
+    forward = normalize.batch_norm_forward
+
+    def counted(prims, *args, **kwargs):
+        calls.append(prims)
+        return forward(prims, *args, **kwargs)
+
+    monkeypatch.setattr(normalize, "batch_norm_forward", counted)
+    p = _parameters(4, torch.float32)
+    args = (torch.randn(6, 4), p["weight"], p["bias"], None, None, True, EPS)
+    compiled = ops.batch_norm(*args)
+    assert calls == []
+    with kernels.use_backend("torch"):
+        composite = ops.batch_norm(*args)
+    assert calls == [reference]
+    torch.testing.assert_close(compiled, composite)
+    ops.batch_norm(*args)
+    assert calls == [reference]
+
+
+def test_importing_loads_a_cached_build_and_never_compiles(tmp_path):
+    """A fresh cache directory: nothing to load at import (and no build, which takes
+    minutes), so the CPU kernel is the composite until the first call builds it; the
+    machine's cache: loaded at import; a forced torch backend: not loaded."""
+    code = ("import torch, batchnorm.ops; print(torch._C._dispatch_has_kernel_for_dispatch_key("
+            "'batchnorm::batch_norm', 'CPU'))")
+
+    def registered(**env: str) -> bool:
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                env={**os.environ, **env}, timeout=300, check=True)
+        return result.stdout.strip() == "True"
+
+    assert registered(BATCHNORM_CACHE_DIR=str(extension.build_directory().parent))
+    assert not registered(BATCHNORM_CACHE_DIR=str(tmp_path))
+    assert not os.listdir(tmp_path)
+    assert not registered(BATCHNORM_CACHE_DIR=str(extension.build_directory().parent),
+                          BATCHNORM_BACKEND="torch")
