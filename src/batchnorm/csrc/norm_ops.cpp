@@ -33,6 +33,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdio>
+#include <limits>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -214,9 +215,60 @@ acc_t clamp(acc_t value, acc_t low, acc_t high) {
   return std::min(std::max(value, low), high);
 }
 
-const char* const kNotFinite =
-    "input contains NaN or infinity: batch statistics are not finite, so the running "
-    "statistics were left unchanged";
+std::string dtype_name(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    default: return c10::toString(dtype);
+  }
+}
+
+// batchnorm.core.policy's text for a finite input whose variance overflows `dtype`.
+std::string overflow_message(const char* what, at::ScalarType dtype) {
+  double largest = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "overflow_message", [&] {
+    largest = static_cast<double>(std::numeric_limits<scalar_t>::max());
+  });
+  char limit[32];
+  std::snprintf(limit, sizeof(limit), "%.1e", std::sqrt(largest));  // Python's ".1e"
+  return std::string("the ") + what + " overflows " + dtype_name(dtype) +
+         ": the input is finite but spreads over more than ~" + limit +
+         " around its mean; normalize such data in float64 (e.g. layer.double() and "
+         "x.double())";
+}
+
+// batchnorm.core.policy.check_finite: a batch with NaN or infinity is rejected before it
+// touches any buffer; a finite batch whose variance overflows says so.
+template <typename acc_t>
+void check_finite(const acc_t* mean, const acc_t* var, int64_t n) {
+  bool finite = true;
+  bool overflow_only = true;  // every mean finite and no variance NaN
+  for (int64_t i = 0; i < n; ++i) {
+    finite = finite && std::isfinite(mean[i]) && std::isfinite(var[i]);
+    overflow_only = overflow_only && std::isfinite(mean[i]) && !std::isnan(var[i]);
+  }
+  if (finite) return;
+  TORCH_CHECK_VALUE(!overflow_only,
+                    overflow_message("batch variance", c10::CppTypeToScalarType<acc_t>::value),
+                    "; the running statistics were left unchanged");
+  TORCH_CHECK_VALUE(false, "input contains NaN or infinity: batch statistics are not finite, "
+                    "so the running statistics were left unchanged");
+}
+
+// batchnorm.core.policy.check_variance: 1 / sqrt(var + eps) is 0 only where the variance
+// overflowed (NaN input gives NaN, which propagates to the output as in torch).
+void check_variance(const Tensor& invstd) {
+  AT_DISPATCH_FLOATING_TYPES(invstd.scalar_type(), "check_variance", [&] {
+    const Tensor values = invstd.contiguous();
+    const scalar_t* data = values.const_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < values.numel(); ++i) {
+      TORCH_CHECK_VALUE(data[i] != scalar_t(0), overflow_message("variance",
+                                                                 invstd.scalar_type()));
+    }
+  });
+}
 
 // ---------------------------------------------------------------------------------------
 // batch_norm: BatchNorm, ghost batches and InstanceNorm of channel `axis`.
@@ -292,9 +344,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm(
     const acc_t* m = mean.const_data_ptr<acc_t>();
     const acc_t* v = var.const_data_ptr<acc_t>();
     if (training && !empty) {
-      for (int64_t i = 0; i < n; ++i) {
-        TORCH_CHECK_VALUE(std::isfinite(m[i]) && std::isfinite(v[i]), kNotFinite);
-      }
+      check_finite(m, v, n);
     }
     const acc_t* w_data = w.defined() ? w.const_data_ptr<acc_t>() : nullptr;
     const acc_t* b_data = b.defined() ? b.const_data_ptr<acc_t>() : nullptr;
@@ -454,15 +504,6 @@ Grads batch_norm_backward(const Tensor& grad_output, const Tensor& input,
 // ---------------------------------------------------------------------------------------
 // update_running_stats_ (batchnorm.core.policy.update_running_stats).
 
-std::string dtype_name(at::ScalarType dtype) {
-  switch (dtype) {
-    case at::kHalf: return "torch.float16";
-    case at::kBFloat16: return "torch.bfloat16";
-    case at::kFloat: return "torch.float32";
-    case at::kDouble: return "torch.float64";
-    default: return c10::toString(dtype);
-  }
-}
 
 // Python's format(value, ".4g").
 std::string format_4g(double value) {
@@ -546,8 +587,8 @@ void update_running_stats_(const Tensor& running_mean, const Tensor& running_var
         new_mean[c] = acc_t(weighted_mean) / total;
         new_var[c] = acc_t(weighted_var) / (total - static_cast<acc_t>(chunks));
       }
-      TORCH_CHECK_VALUE(std::isfinite(new_mean[c]) && std::isfinite(new_var[c]), kNotFinite);
     }
+    check_finite(new_mean, new_var, channels);
     // running = lerp(running, batch, factor), as torch.lerp computes it
     acc_t factor = 0;
     if (momentum.has_value()) {
@@ -697,6 +738,7 @@ std::tuple<Tensor, Tensor, Tensor> group_norm(const Tensor& input, const Optiona
       }
     }
   });
+  check_variance(invstd);
   const Tensor y = channel_normalize(view.x, expanded_mean, scale, shift, view.rows,
                                      "identity", 0.0);
   return {restore(y, input, 1, view.channels_last), mean, invstd};
@@ -835,6 +877,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm(const Tensor& input, int64_t norma
             at::ones({x.size(0)}, options)};
   }
   auto [y, mean, invstd] = rows_forward(x, flat(weight), flat(bias), eps);
+  check_variance(invstd);
   return {view_of(y, input.sizes()), mean, invstd};
 }
 
