@@ -225,16 +225,22 @@ class CompileTimeout(Exception):
 
 @contextlib.contextmanager
 def time_limit(seconds: float) -> Iterator[None]:
-    """Raise CompileTimeout in the main thread after ``seconds`` (SIGALRM)."""
+    """Raise CompileTimeout in the main thread after ``seconds`` (SIGALRM), or on leaving
+    the block late: an alarm that lands in a weakref callback is swallowed there."""
+    message = f"compile took longer than {seconds:.0f} s"
+
     def expire(signum, frame):
-        raise CompileTimeout(f"compile took longer than {seconds:.0f} s")
+        raise CompileTimeout(message)
     previous = signal.signal(signal.SIGALRM, expire)
     signal.setitimer(signal.ITIMER_REAL, seconds)
+    start = time.perf_counter()
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+    if time.perf_counter() - start > seconds:
+        raise CompileTimeout(message)
 
 
 def graphs_compiled() -> int:
