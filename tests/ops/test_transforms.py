@@ -206,8 +206,36 @@ def test_profiler_shows_the_operator_names():
             "batchnorm::layer_norm"} <= names
 
 
-def test_compiled_decomposition_rejects_a_nan_batch_and_keeps_every_buffer():
-    layer = batchnorm.BatchNorm1d(3, momentum=None)
+@pytest.mark.parametrize("options", [{"momentum": 0.1}, {"momentum": None},
+                                     {"track_running_stats": False}],
+                         ids=["momentum", "cumulative", "no-buffers"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_compiled_decomposition_of_each_statistics_policy_matches_torch_nn(options,
+                                                                          training):
+    """The decomposition's two forms (torch's own ATen operators; the var_mean form for a
+    cumulative average) against torch.nn over three steps, buffers and gradients."""
+    torch.manual_seed(0)
+    reference = nn.BatchNorm2d(4, **options).train(training)
+    with torch.no_grad():
+        reference.weight.uniform_(0.5, 2)
+        reference.bias.uniform_(-1, 1)
+    ours = batchnorm.convert(copy.deepcopy(reference))
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    for step in range(3):
+        x = torch.randn(6, 4, 3, 3, generator=torch.Generator().manual_seed(step)) * 3 + 10
+        x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y_ours, y_ref = compiled(x_ours), reference(x_ref)
+        torch.testing.assert_close(y_ours, y_ref, **TOL)
+        y_ours.square().sum().backward()
+        y_ref.square().sum().backward()
+        torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=1e-3, atol=1e-4)
+    _assert_states_close(ours, reference, **TOL)
+    torch.testing.assert_close(ours.weight.grad, reference.weight.grad, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+def test_compiled_decomposition_rejects_a_nan_batch_and_keeps_every_buffer(momentum):
+    layer = batchnorm.BatchNorm1d(3, momentum=momentum)
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     compiled(torch.randn(4, 3))
     before = {name: t.clone() for name, t in layer.state_dict().items()}

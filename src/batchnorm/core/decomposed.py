@@ -3,10 +3,12 @@
 Under compilation the plain layers can decompose like torch.nn's own, so that Inductor
 fuses them with their neighbours (a convolution's epilogue, the activation, the residual
 add) instead of calling an opaque operator; the variants (ghost batches, Batch
-Renormalization, SyncBN) stay operators. Statistics are ``torch.var_mean`` (Inductor's
-Welford reduction), accumulated in float32 for half inputs. The running statistics follow
-only a finite batch, without a data-dependent branch: the update is ``torch.where``-gated
-and ``torch._assert_async`` raises ``RuntimeError`` for a NaN or infinite batch.
+Renormalization, SyncBN) stay operators. BatchNorm over dim 1 uses the ATen operators
+torch.nn's layers compile to, so both get the same graphs; other axes and the cumulative
+average (``momentum=None``) use ``torch.var_mean`` (Inductor's Welford reduction),
+accumulated in float32 for half inputs. The running statistics follow only a finite batch,
+without a data-dependent branch: the update is ``torch.where``-gated and
+``torch._assert_async`` raises ``RuntimeError`` for a NaN or infinite batch.
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ def batch_norm(input: Tensor, weight: Tensor | None, bias: Tensor | None,
                num_batches_tracked: Tensor | None, training: bool, momentum: float | None,
                eps: float, axis: int, activation: str, activation_param: float) -> Tensor:
     """BatchNorm of channel ``axis`` with an optional activation (one chunk, no renorm)."""
+    if axis == 1 and (momentum is not None or running_mean is None or not training):
+        y = _aten_batch_norm(input, weight, bias, running_mean, running_var,
+                             num_batches_tracked, training, momentum, eps)
+        return activation_forward(y, activation, activation_param)
     x = input.to(accumulation_dtype(input.dtype))
     dims = [d for d in range(x.dim()) if d != axis]
     shape = [1] * x.dim()
@@ -47,6 +53,33 @@ def batch_norm(input: Tensor, weight: Tensor | None, bias: Tensor | None,
         var = running_var.to(x.dtype).reshape(shape)
     y = _affine((x - mean) * torch.rsqrt(var + eps), weight, bias, shape)
     return activation_forward(y, activation, activation_param).to(input.dtype)
+
+
+def _aten_batch_norm(input: Tensor, weight: Tensor | None, bias: Tensor | None,
+                     running_mean: Tensor | None, running_var: Tensor | None,
+                     num_batches_tracked: Tensor | None, training: bool,
+                     momentum: float | None, eps: float) -> Tensor:
+    """The ATen operators torch.nn's BatchNorm compiles to, so that Inductor builds the
+    same forward and backward graphs for both; the functional variant returns the new
+    running statistics instead of writing them, and a non-finite batch leaves them as they
+    were."""
+    aten = torch.ops.aten
+    if not training:
+        return aten._native_batch_norm_legit_no_training(input, weight, bias, running_mean,
+                                                         running_var, 0.0, eps)[0]
+    if running_mean is None:
+        return aten._native_batch_norm_legit.no_stats(input, weight, bias, True, 0.0, eps)[0]
+    # copies: its backward saves them, and the buffers change below
+    out, mean, _, new_mean, new_var = aten._native_batch_norm_legit_functional(
+        input, weight, bias, running_mean.clone(), running_var.clone(), True, momentum, eps)
+    with torch.no_grad():
+        finite = torch.isfinite(mean).all() & torch.isfinite(new_var).all()
+        torch._assert_async(finite, NON_FINITE)
+        for running, new in ((running_mean, new_mean), (running_var, new_var)):
+            running.copy_(torch.where(finite, new, running))
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(finite.to(num_batches_tracked.dtype))
+    return out
 
 
 @torch.no_grad()
