@@ -83,8 +83,8 @@ def _transforms_active() -> bool:
 
 DECOMPOSE_UNDER_COMPILE = True
 """Under ``torch.compile`` (not ``torch.export``), plain BatchNorm/GroupNorm/LayerNorm
-trace as plain torch ops (:mod:`batchnorm.core.decomposed`) that Inductor fuses with their
-neighbours, as it does torch.nn's; False keeps the operators (the bench measures both)."""
+trace as the ATen operators torch.nn's compile to (:mod:`batchnorm.core.decomposed`), which
+Inductor fuses with their neighbours; False keeps the operators (the bench measures both)."""
 
 
 def _decompose() -> bool:
@@ -310,7 +310,7 @@ def group_norm(input: Tensor, num_groups: int, weight: Tensor | None = None,
     _check_dtypes("group_norm", input, weight, bias)
     _check_eps(eps, training=False)
     if _decompose():
-        return decomposed.group_norm(input, num_groups, weight, bias, eps)
+        return torch.nn.functional.group_norm(input, num_groups, weight, bias, eps)
     if _transforms_active():
         return normalize.group_norm_forward(reference, input, weight, bias, num_groups, eps,
                                             check=False)[0]
@@ -335,7 +335,7 @@ def layer_norm(input: Tensor, normalized_shape: Sequence[int] | int,
     _check_dtypes("layer_norm", input, weight, bias)
     _check_eps(eps, training=False)
     if _decompose():
-        return decomposed.layer_norm(input, ndim, weight, bias, eps)
+        return torch.nn.functional.layer_norm(input, shape, weight, bias, eps)
     if _transforms_active():
         return normalize.layer_norm_forward(reference, input, ndim, weight, bias, eps,
                                             check=False)[0]

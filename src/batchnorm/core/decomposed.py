@@ -1,13 +1,14 @@
-"""Plain BatchNorm, GroupNorm and LayerNorm in traceable torch ops, for ``torch.compile``.
+"""Plain BatchNorm in traceable torch ops, for ``torch.compile``.
 
 Under compilation the plain layers can decompose like torch.nn's own, so that Inductor
 fuses them with their neighbours (a convolution's epilogue, the activation, the residual
 add) instead of calling an opaque operator; the variants (ghost batches, Batch
-Renormalization, SyncBN) stay operators. BatchNorm over dim 1 uses the ATen operators
-torch.nn's layers compile to, so both get the same graphs; other axes and the cumulative
-average (``momentum=None``) use ``torch.var_mean`` (Inductor's Welford reduction),
-accumulated in float32 for half inputs. The running statistics follow only a finite batch,
-without a data-dependent branch: the update is ``torch.where``-gated and
+Renormalization, SyncBN) stay operators. (Plain GroupNorm and LayerNorm, with no buffers
+to guard, are torch's own functionals under compilation.) BatchNorm over dim 1 uses the
+ATen operators torch.nn's layers compile to, so both get the same graphs; other axes and
+the cumulative average (``momentum=None``) use ``torch.var_mean`` (Inductor's Welford
+reduction), accumulated in float32 for half inputs. The running statistics follow only a
+finite batch, without a data-dependent branch: the update is ``torch.where``-gated and
 ``torch._assert_async`` raises ``RuntimeError`` for a NaN or infinite batch.
 """
 
@@ -93,24 +94,3 @@ def _update(running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tens
         running.copy_(torch.where(finite, updated, running.to(batch.dtype)))
     if num_batches_tracked is not None:
         num_batches_tracked.add_(finite.to(num_batches_tracked.dtype))
-
-
-def group_norm(input: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None,
-               eps: float) -> Tensor:
-    x = input.to(accumulation_dtype(input.dtype))
-    grouped = x.reshape(x.shape[0], num_groups, -1)
-    var, mean = torch.var_mean(grouped, 2, correction=0, keepdim=True)
-    x_hat = ((grouped - mean) * torch.rsqrt(var + eps)).reshape(x.shape)
-    shape = [1] * x.dim()
-    shape[1] = x.shape[1]
-    return _affine(x_hat, weight, bias, shape).to(input.dtype)
-
-
-def layer_norm(input: Tensor, normalized_ndim: int, weight: Tensor | None,
-               bias: Tensor | None, eps: float) -> Tensor:
-    x = input.to(accumulation_dtype(input.dtype))
-    dims = list(range(x.dim() - normalized_ndim, x.dim()))
-    var, mean = torch.var_mean(x, dims, correction=0, keepdim=True)
-    y = (x - mean) * torch.rsqrt(var + eps)
-    shape = list(x.shape[x.dim() - normalized_ndim:])
-    return _affine(y, weight, bias, shape).to(input.dtype)
