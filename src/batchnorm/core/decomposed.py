@@ -73,13 +73,8 @@ def _aten_batch_norm(input: Tensor, weight: Tensor | None, bias: Tensor | None,
     # copies: its backward saves them, and the buffers change below
     out, mean, _, new_mean, new_var = aten._native_batch_norm_legit_functional(
         input, weight, bias, running_mean.clone(), running_var.clone(), True, momentum, eps)
-    with torch.no_grad():
-        finite = torch.isfinite(mean).all() & torch.isfinite(new_var).all()
-        torch._assert_async(finite, NON_FINITE)
-        for running, new in ((running_mean, new_mean), (running_var, new_var)):
-            running.copy_(torch.where(finite, new, running))
-        if num_batches_tracked is not None:
-            num_batches_tracked.add_(finite.to(num_batches_tracked.dtype))
+    finite = torch.isfinite(mean).all() & torch.isfinite(new_var).all()
+    _write_if_finite(finite, running_mean, running_var, num_batches_tracked, new_mean, new_var)
     return out
 
 
@@ -87,10 +82,21 @@ def _aten_batch_norm(input: Tensor, weight: Tensor | None, bias: Tensor | None,
 def _update(running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tensor | None,
             mean: Tensor, var: Tensor, count: int, momentum: float | None) -> None:
     finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
-    torch._assert_async(finite, NON_FINITE)
     factor = momentum_factor(num_batches_tracked, momentum, mean.dtype)
-    for running, batch in ((running_mean, mean), (running_var, var * (count / (count - 1)))):
-        updated = torch.lerp(running.to(batch.dtype), batch, factor)
-        running.copy_(torch.where(finite, updated, running.to(batch.dtype)))
+    new_mean, new_var = (torch.lerp(running.to(batch.dtype), batch, factor)
+                         for running, batch in ((running_mean, mean),
+                                                (running_var, var * (count / (count - 1)))))
+    _write_if_finite(finite, running_mean, running_var, num_batches_tracked, new_mean, new_var)
+
+
+@torch.no_grad()
+def _write_if_finite(finite: Tensor, running_mean: Tensor, running_var: Tensor,
+                     num_batches_tracked: Tensor | None, new_mean: Tensor, new_var: Tensor
+                     ) -> None:
+    """The new running statistics, and the batch's count, only for a finite batch; a
+    non-finite one raises, without a data-dependent branch in the graph."""
+    torch._assert_async(finite, NON_FINITE)
+    for running, new in ((running_mean, new_mean), (running_var, new_var)):
+        running.copy_(torch.where(finite, new, running.to(new.dtype)))
     if num_batches_tracked is not None:
         num_batches_tracked.add_(finite.to(num_batches_tracked.dtype))
