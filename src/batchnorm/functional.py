@@ -147,7 +147,8 @@ def _normalize_channels(input: Tensor, weight: Tensor | None, bias: Tensor | Non
                         momentum: float | None, eps: float, axis: int, chunk: int,
                         activation: str, activation_param: float,
                         renorm_clipping: list[float] | None, renorm_mean: Tensor | None,
-                        renorm_var: Tensor | None, renorm_momentum: float) -> Tensor:
+                        renorm_var: Tensor | None, renorm_momentum: float,
+                        residual: Tensor | None = None) -> Tensor:
     """One forward operator, then (training) the running statistics follow the accepted
     batch: chunk statistics of ``count`` values each, the last one of ``last_count``."""
     transforms = _transforms_active()
@@ -155,7 +156,11 @@ def _normalize_channels(input: Tensor, weight: Tensor | None, bias: Tensor | Non
         out, mean, var, _, _ = normalize.batch_norm_forward(
             reference, input, weight, bias, running_mean, running_var, training, eps, axis,
             chunk, activation, activation_param, renorm_clipping, renorm_mean, renorm_var,
-            check=False)
+            check=False, residual=residual)
+    elif residual is not None:
+        out, mean, var = ops.batch_norm_add(input, residual, weight, bias, running_mean,
+                                            running_var, training, eps, axis, chunk,
+                                            activation, activation_param)
     elif (axis == 1 and chunk == 0 and activation == "identity" and renorm_clipping is None
           and renorm_mean is None):
         # the schema's defaults: an operator call converts each argument it is given
@@ -191,9 +196,11 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
                renorm: bool = False, renorm_clipping: Mapping[str, float] | None = None,
                renorm_mean: Tensor | None = None, renorm_var: Tensor | None = None,
                renorm_momentum: float = 0.1, num_batches_tracked: Tensor | None = None,
-               reducer: StatsReducer | None = None) -> Tensor:
+               reducer: StatsReducer | None = None, residual: Tensor | None = None) -> Tensor:
     """Batch normalization over every dim but ``axis`` (the channel axis; ``-1`` for
-    channels-last / TensorFlow layout), optionally followed by a fused activation.
+    channels-last / TensorFlow layout), optionally followed by a fused activation; with
+    ``residual`` (the input's shape and dtype) ``act(BatchNorm(input) + residual)`` in one
+    operator, the tail of a ResNet block.
 
     In training, ``ghost_batch_size`` normalizes each chunk of that many samples (dim 0)
     with its own statistics; ``renorm=True`` applies Batch Renormalization with r and d
@@ -230,6 +237,8 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
                                      channels)
     elif renorm_clipping is not None or renorm_mean is not None or renorm_var is not None:
         raise ValueError("renorm_clipping, renorm_mean and renorm_var need renorm=True")
+    if residual is not None:
+        _check_residual(input, residual, renorm)
     chunk = 0
     if training and ghost_batch_size is not None and input.shape[0] > 0:
         _check_ghost_batches(input.shape[0], ghost_batch_size, axis)
@@ -237,16 +246,30 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
     if chunk == 0 and clipping is None and reducer is None and _decompose():
         return decomposed.batch_norm(input, weight, bias, running_mean, running_var,
                                      num_batches_tracked if training else None, training,
-                                     momentum, eps, axis, act.name, act.param)
+                                     momentum, eps, axis, act.name, act.param, residual)
     if training and reducer is not None and ghost_batch_size is None:
         return sync_batch_norm(input, weight, bias, running_mean, running_var,
                                num_batches_tracked, momentum, eps, axis, act.name, act.param,
-                               clipping, renorm_mean, renorm_var, renorm_momentum, reducer)
+                               clipping, renorm_mean, renorm_var, renorm_momentum, reducer,
+                               residual)
     return _normalize_channels(input, weight, bias, running_mean, running_var,
                                num_batches_tracked, training, momentum, eps, axis, chunk,
                                act.name, act.param, clipping if training else None,
                                renorm_mean if training else None,
-                               renorm_var if training else None, renorm_momentum)
+                               renorm_var if training else None, renorm_momentum, residual)
+
+
+def _check_residual(input: Tensor, residual: Tensor, renorm: bool) -> None:
+    if not isinstance(residual, Tensor):
+        raise TypeError(f"residual must be a Tensor, got {type(residual).__name__}")
+    if residual.shape != input.shape or residual.dtype != input.dtype \
+            or residual.device != input.device:
+        raise ValueError("residual must match the input: expected shape "
+                         f"{tuple(input.shape)}, {input.dtype} on {input.device}, got shape "
+                         f"{tuple(residual.shape)}, {residual.dtype} on {residual.device}")
+    if renorm:
+        raise ValueError("residual is not supported with renorm=True; add the residual to "
+                         "the layer's output instead")
 
 
 def _check_renorm_references(running_mean: Tensor | None, running_var: Tensor | None,

@@ -1,10 +1,11 @@
 """SyncBatchNorm across 2 and 3 gloo processes against single-process BatchNorm on the
-concatenated batch (torch.nn's; our local layer for the renorm/activation variants, which
-torch lacks): outputs, input gradients, weight/bias gradients after DDP's all-reduce,
-running statistics over several SGD steps, eval mode afterwards; the collectives per
-step; ghost batches staying per process; the timeout error. On CUDA the training cases
-also run across 2 NCCL processes sharing one GPU (skipped with a loud reason without CUDA,
-or with an NCCL that refuses two ranks on one GPU).
+concatenated batch (torch.nn's; our local layer for the renorm, activation and residual
+variants, which torch lacks): outputs, input (and residual) gradients, weight/bias
+gradients after DDP's all-reduce, running statistics over several SGD steps, eval mode
+afterwards; the collectives per step; ghost batches staying per process; the timeout
+error. On CUDA the training cases also run across 2 NCCL processes sharing one GPU
+(skipped with a loud reason without CUDA, or with an NCCL that refuses two ranks on one
+GPU).
 
 Each world size is spawned once per module (spawning is the slow part) and runs every
 case; the checks happen here, in the pytest process. Tolerances: see ``Case.tolerance``
@@ -33,6 +34,7 @@ from workers import (
     mode_mismatch_worker,
     nccl_worker,
     parity_worker,
+    residual_of,
     set_affine,
     timeout_worker,
 )
@@ -51,10 +53,13 @@ def reference_run(case: Case) -> dict[str, Any]:
     for step in range(STEPS):
         x, t = global_batch(case, step)
         x.requires_grad_()
-        y = layer(x)
+        residual = residual_of(x) if case.residual else None
+        y = layer(x) if residual is None else layer(x, residual)
         (y * t).sum().backward()
         steps.append({"y": y.detach(), "x_grad": x.grad, "weight_grad": layer.weight.grad.clone(),
                       "bias_grad": layer.bias.grad.clone()})
+        if residual is not None:
+            steps[-1]["residual_grad"] = residual.grad
         optimizer.step()
         optimizer.zero_grad()
     # Eval output in float64 math from the trained state: torch's eval kernel folds the
@@ -66,6 +71,8 @@ def reference_run(case: Case) -> dict[str, Any]:
               ("weight", layer.weight), ("bias", layer.bias))}
     eval_y = (x - state["mean"]) / torch.sqrt(state["var"] + layer.eps) * state["weight"] + \
         state["bias"]
+    if case.residual:
+        eval_y = eval_y + torch.cos(x)
     if case.options.get("activation") == "relu":
         eval_y = eval_y.relu()
     return {"steps": steps, "eval_y": eval_y.to(case.dtype), "running_mean": layer.running_mean,
@@ -123,7 +130,7 @@ def check_training(case: Case, ranks: list[dict[str, Any]]) -> None:
     :func:`reference_run` on the concatenated batch."""
     reference = reference_run(case)
     for step, expected in enumerate(reference["steps"]):
-        for key in ("y", "x_grad"):
+        for key in ("y", "x_grad", "residual_grad") if case.residual else ("y", "x_grad"):
             got = torch.cat([rank["steps"][step][key] for rank in ranks])
             torch.testing.assert_close(got, expected[key], **case.tolerance,
                                        msg=lambda m, k=key, s=step: f"{k} at step {s}: {m}")

@@ -36,6 +36,7 @@ class Case:
     offset: float = 0.0  # common offset of every value: Chan's merge must not lose the variance
     momentum: float | None = 0.1
     options: dict[str, Any] = field(default_factory=dict)  # variant options of the layer
+    residual: bool = False  # layer(x, residual_of(x)): BN + residual add (+ activation)
 
     @property
     def tolerance(self) -> dict[str, float]:
@@ -53,7 +54,9 @@ CASES = {
         # cumulative running average: eval input then sits near the running mean
         Case("NCHW-offset-1e6-cumulative-average", (3, 4, 4), (3, 3), offset=1e6,
              momentum=None),
-        Case("NCHW-renorm-relu", (3, 4, 4), (5, 2), options=RENORM)],
+        Case("NCHW-renorm-relu", (3, 4, 4), (5, 2), options=RENORM),
+        Case("NHWC-residual-relu", (3, 4, 4), (5, 2), channels_last=True,
+             options={"activation": "relu"}, residual=True)],
     3: [Case("NC-one-sample-and-zero", (5,), (1, 0, 4)),
         Case("NCL-rank-of-zero", (3, 6), (2, 0, 3)),
         Case("NCHW-first-rank-empty", (4, 3, 3), (0, 3, 2)),
@@ -67,7 +70,9 @@ NCCL_CASES = [Case("NCHW-uneven", (3, 7), (3, 4)),
               Case("NHWC-channels-last-float32", (4, 3, 5), (2, 5), torch.float32, True),
               Case("NCHW-offset-1e6-cumulative-average", (3, 4, 4), (3, 3), offset=1e6,
                    momentum=None),
-              Case("NCHW-renorm-relu", (3, 4, 4), (5, 2), options=RENORM)]
+              Case("NCHW-renorm-relu", (3, 4, 4), (5, 2), options=RENORM),
+              Case("NHWC-residual-relu", (3, 4, 4), (5, 2), channels_last=True,
+                   options={"activation": "relu"}, residual=True)]
 
 
 def global_batch(case: Case, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,6 +85,12 @@ def global_batch(case: Case, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     x = x + channel_scale + case.offset
     t = torch.randn(shape, generator=generator, dtype=torch.float64)
     return x.to(case.dtype), t.to(case.dtype)
+
+
+def residual_of(x: torch.Tensor) -> torch.Tensor:
+    """The shortcut a residual case adds: a function of the input, so each rank can make
+    its share of it."""
+    return torch.cos(x.detach()).requires_grad_()
 
 
 def initial_affine(case: Case) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,17 +131,21 @@ def train_case(rank: int, world_size: int, case: Case, device: str = "cpu") -> d
     for step in range(STEPS):
         x, t = (_rank_part(case, tensor, rank, device) for tensor in global_batch(case, step))
         x.requires_grad_()
-        y = model(x)
+        residual = residual_of(x) if case.residual else None
+        y = model(x, residual)
         (world_size * (y * t).sum()).backward()
         steps.append({"y": _host(y), "x_grad": _host(x.grad) / world_size,
                       "weight_grad": _host(layer.weight.grad),
                       "bias_grad": _host(layer.bias.grad),
                       "channels_last": y.is_contiguous(memory_format=torch.channels_last)})
+        if residual is not None:
+            steps[-1]["residual_grad"] = _host(residual.grad) / world_size
         optimizer.step()
         optimizer.zero_grad()
     model.eval()
     with torch.no_grad():
-        eval_y = model(_rank_part(case, global_batch(case, STEPS)[0], rank, device))
+        x = _rank_part(case, global_batch(case, STEPS)[0], rank, device)
+        eval_y = model(x, residual_of(x) if case.residual else None)
     return {"steps": steps, "eval_y": _host(eval_y), "running_mean": _host(layer.running_mean),
             "running_var": _host(layer.running_var),
             "num_batches_tracked": int(layer.num_batches_tracked)}

@@ -43,3 +43,16 @@ def test_the_environment_variable_is_read_once_at_import():
                             env={"BATCHNORM_BACKEND": "torch", "PATH": "",
                                  "PYTHONPATH": ":".join(sys.path)}, check=True)
     assert result.stdout.strip() == "torch"
+
+
+def test_aten_sends_the_plain_layers_to_torch_kernels_and_keeps_the_primitives():
+    """CUDA's route for the plain layers, forced on CPU; the variants keep the device's
+    primitives (the C++ ones here, as without forcing)."""
+    x = torch.randn(4, 3)
+    assert not kernels.native(x)
+    default = kernels.primitives(x)
+    with kernels.use_backend("aten"):
+        assert kernels.native(x)
+        assert kernels.primitives(x) is default
+    with kernels.use_backend("torch"):
+        assert not kernels.native(x)

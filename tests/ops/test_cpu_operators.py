@@ -110,7 +110,7 @@ def _batch_norm_backward(prims, args, forward):
             dy_, x_, w_, b_ = (dy, x, *args[1:3]) if prims is cpu else _float64((dy, x,
                                                                                  *args[1:3]))
             grads += list(normalize.batch_norm_backward(prims, dy_, x_, w_, b_, *forward[1:],
-                                                        *options))
+                                                        *options)[:3])
     return grads
 
 

@@ -7,6 +7,7 @@ Each backend is reached through the public layers by running this file under it:
 ``make test`` runs it by default (the compiled operators), with ``BATCHNORM_BACKEND=torch``
 (the composite operators on the reference primitives) and with ``BATCHNORM_BACKEND=triton``
 (the composite operators on the Triton kernels, under Triton's interpreter without a GPU).
+The plain layers' route to torch's own kernels (the CUDA default) is forced here on CPU.
 """
 
 from __future__ import annotations
@@ -78,6 +79,10 @@ def test_layers_match_float64_torch_nn(case, offset):
     largest magnitude (a sum over up to 165 values each carrying the mean's rounding;
     torch.nn's own float32 layer misses float64 by 8e-4 of it on the (N, C) case), running
     statistics within 1e-5 relative + 1e-3 (the running mean carries the offset)."""
+    _check_against_float64(case, offset)
+
+
+def _check_against_float64(case, offset: float) -> None:
     make, shape, channels_last = case
     reference64 = _affine(make()).double()
     ours = batchnorm.convert(copy.deepcopy(_affine(make())))
@@ -98,3 +103,26 @@ def test_layers_match_float64_torch_nn(case, offset):
     for name, buffer in reference64.named_buffers():
         torch.testing.assert_close(getattr(ours, name).to(buffer.dtype), buffer, rtol=1e-5,
                                    atol=1e-3, msg=name)
+
+
+
+# The cases the ATen route takes (InstanceNorm and channels-last GroupNorm keep the kernel
+# primitives). torch's CPU channels-last BatchNorm kernel sums x and x^2 in one pass and
+# misses the offset-1e4 bar, so that case runs centred only; ATen's CUDA kernel, the one
+# this route is for, uses Welford.
+NATIVE_CASES = [pytest.param(CASES[name], offset, id=f"{name}-{label}")
+                for name in ("batch_norm NCHW", "batch_norm channels_last", "batch_norm (N, C)",
+                             "batch_norm (N, C, L)", "group_norm", "layer_norm")
+                for offset, label in ((0.0, "centred"), (1e4, "offset-1e4"))
+                if not (name == "batch_norm channels_last" and offset)]
+
+
+@pytest.mark.parametrize(("case", "offset"), NATIVE_CASES)
+def test_plain_layers_on_torch_kernels_match_float64_torch_nn(case, offset):
+    """The route CUDA takes for the plain layers, forced on CPU: torch's own kernels behind
+    our operators, against the bars above."""
+    with kernels.use_backend("aten"), torch.profiler.profile() as profile:
+        _check_against_float64(case, offset)
+    names = {event.key for event in profile.key_averages()}
+    assert names & {"aten::native_batch_norm", "aten::native_group_norm",
+                    "aten::native_layer_norm"}, sorted(names)

@@ -34,11 +34,15 @@ def _affine(x_hat: Tensor, weight: Tensor | None, bias: Tensor | None, shape: li
 def batch_norm(input: Tensor, weight: Tensor | None, bias: Tensor | None,
                running_mean: Tensor | None, running_var: Tensor | None,
                num_batches_tracked: Tensor | None, training: bool, momentum: float | None,
-               eps: float, axis: int, activation: str, activation_param: float) -> Tensor:
-    """BatchNorm of channel ``axis`` with an optional activation (one chunk, no renorm)."""
+               eps: float, axis: int, activation: str, activation_param: float,
+               residual: Tensor | None = None) -> Tensor:
+    """BatchNorm of channel ``axis`` with an optional residual and activation (one chunk,
+    no renorm): ``act(BN(input) [+ residual])``."""
     if axis == 1 and (momentum is not None or running_mean is None or not training):
         y = _aten_batch_norm(input, weight, bias, running_mean, running_var,
                              num_batches_tracked, training, momentum, eps)
+        if residual is not None:
+            y = y + residual
         return activation_forward(y, activation, activation_param)
     x = input.to(accumulation_dtype(input.dtype))
     dims = [d for d in range(x.dim()) if d != axis]
@@ -53,6 +57,8 @@ def batch_norm(input: Tensor, weight: Tensor | None, bias: Tensor | None,
         mean = running_mean.to(x.dtype).reshape(shape)
         var = running_var.to(x.dtype).reshape(shape)
     y = _affine((x - mean) * torch.rsqrt(var + eps), weight, bias, shape)
+    if residual is not None:
+        y = y + residual.to(y.dtype)
     return activation_forward(y, activation, activation_param).to(input.dtype)
 
 

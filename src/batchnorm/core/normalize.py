@@ -58,10 +58,12 @@ def batch_norm_forward(prims: ModuleType, input: Tensor, weight: Tensor | None,
                        renorm_clipping: list[float] | None, renorm_mean: Tensor | None,
                        renorm_var: Tensor | None, check: bool = True,
                        renorm_rd: tuple[Tensor, Tensor] | None = None,
-                       stats: tuple[Tensor, Tensor] | None = None
+                       stats: tuple[Tensor, Tensor] | None = None,
+                       residual: Tensor | None = None
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """BatchNorm (``chunk`` = 0), ghost batches (``chunk`` samples per statistics group)
-    and InstanceNorm (``chunk`` = 1) of channel ``axis``: ``(y, mean, var, r, d)``.
+    and InstanceNorm (``chunk`` = 1) of channel ``axis``: ``(y, mean, var, r, d)``; with
+    ``residual`` (input's shape) ``y = act(z + residual)``, the ResNet block's tail.
 
     In training the statistics are the input's, per chunk ``(A, C)``, and ``renorm_clipping``
     ``(rmax, rmin, dmax)`` turns on Batch Renormalization against ``renorm_mean``/``var`` or
@@ -101,9 +103,13 @@ def batch_norm_forward(prims: ModuleType, input: Tensor, weight: Tensor | None,
         shift = shift + (d if w is None else w * d)
     if x.numel() == 0:  # nothing to normalize; the kernels need no empty special case
         y = torch.empty_like(x)
-    else:
+    elif residual is None:
         y = prims.channel_normalize(x, mean, scale, shift, rows_chunk, activation,
                                     activation_param)
+    else:
+        y = prims.channel_normalize_residual(
+            x, layout.channel_view(residual, axis, channels_last), mean, scale, shift,
+            rows_chunk, activation, activation_param)
     return layout.restore(y, input, axis, channels_last), mean, var, r, d
 
 
@@ -112,22 +118,26 @@ def batch_norm_backward(prims: ModuleType, grad_output: Tensor, input: Tensor,
                         r: Tensor, d: Tensor, training: bool, eps: float, axis: int,
                         chunk: int, activation: str, activation_param: float,
                         output_mask: list[bool], reducer: GradientReducer | None = None,
-                        count: int = 0
-                        ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients of :func:`batch_norm_forward` with respect to input, weight and bias (None
-    where ``output_mask`` says they are not needed). With ``reducer``, the statistics were
-    those of ``count`` values across processes: the input gradient's two sums are summed
-    over the same processes (the parameter gradients stay local, as DDP expects)."""
+                        count: int = 0, residual: Tensor | None = None
+                        ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of :func:`batch_norm_forward` with respect to input, weight, bias and
+    residual (None where ``output_mask``, of 3 entries, or 4 with ``residual``, says they
+    are not needed). With ``reducer``, the statistics were those of ``count`` values across
+    processes: the input gradient's two sums are summed over the same processes (the
+    parameter gradients stay local, as DDP expects)."""
     channels_last = layout.is_channels_last(input, axis)
     x = layout.channel_view(input, axis, channels_last)
     dy = layout.channel_view(grad_output, axis, channels_last)
+    res = None if residual is None else layout.channel_view(residual, axis, channels_last)
     rows, _, quantity = x.shape
     acc = mean.dtype
     rows_chunk = _rows_chunk(rows, layout.rows_per_sample(input, axis, channels_last),
                              training, chunk)
+    needs_residual = res is not None and output_mask[3]
     if x.numel() == 0 and reducer is None:
         return (torch.zeros_like(input) if output_mask[0] else None,
-                _zero_grad(weight, output_mask[1]), _zero_grad(bias, output_mask[2]))
+                _zero_grad(weight, output_mask[1]), _zero_grad(bias, output_mask[2]),
+                torch.zeros_like(residual) if needs_residual else None)
     invstd = torch.rsqrt(var + eps)
     w, b = _table(weight, acc), _table(bias, acc)
     effective_w = torch.ones_like(mean) if w is None else w.expand_as(mean)
@@ -139,17 +149,20 @@ def batch_norm_backward(prims: ModuleType, grad_output: Tensor, input: Tensor,
     scale = invstd * effective_w
     if x.numel() == 0:  # a process with no samples still takes part in the reduction
         sum_g = sum_gxc = torch.zeros_like(mean)
-    else:
+    elif res is None:
         sum_g, sum_gxc = prims.channel_backward_reduce(dy, x, mean, scale, shift, rows_chunk,
                                                        activation, activation_param)
+    else:
+        sum_g, sum_gxc = prims.channel_backward_reduce_residual(
+            dy, x, res, mean, scale, shift, rows_chunk, activation, activation_param)
     sum_g_xhat = sum_gxc * invstd
-    grad_weight = grad_bias = grad_input = None
+    grad_weight = grad_bias = grad_input = grad_residual = None
     if output_mask[1] and weight is not None:
         grad_weight = (sum_g_xhat * r + sum_g * d if renorm else sum_g_xhat).sum(0)
         grad_weight = grad_weight.to(weight.dtype)
     if output_mask[2] and bias is not None:
         grad_bias = sum_g.sum(0).to(bias.dtype)
-    if output_mask[0]:
+    if output_mask[0] or needs_residual:
         if not training:
             k0 = k2 = torch.zeros_like(scale)
         else:
@@ -161,12 +174,20 @@ def batch_norm_backward(prims: ModuleType, grad_output: Tensor, input: Tensor,
             k2 = -(sum_g_xhat * effective_w / counts) * invstd.square()
             k0 = -(sum_g * effective_w / counts) * invstd
         if x.numel() == 0:
-            return torch.zeros_like(input), grad_weight, grad_bias
-        grad_input = layout.restore(
-            prims.channel_backward_input(dy, x, mean, scale, shift, scale, k0, k2, rows_chunk,
-                                         activation, activation_param),
-            input, axis, channels_last)
-    return grad_input, grad_weight, grad_bias
+            return (torch.zeros_like(input), grad_weight, grad_bias,
+                    torch.zeros_like(residual) if needs_residual else None)
+        if res is None:
+            dx = prims.channel_backward_input(dy, x, mean, scale, shift, scale, k0, k2,
+                                              rows_chunk, activation, activation_param)
+        else:
+            dx, d_res = prims.channel_backward_input_residual(
+                dy, x, res, mean, scale, shift, scale, k0, k2, rows_chunk, activation,
+                activation_param)
+            if needs_residual:
+                grad_residual = layout.restore(d_res, residual, axis, channels_last)
+        if output_mask[0]:
+            grad_input = layout.restore(dx, input, axis, channels_last)
+    return grad_input, grad_weight, grad_bias, grad_residual
 
 
 def _instance_view(input: Tensor) -> tuple[Tensor, int, bool]:

@@ -27,7 +27,7 @@ class _SyncBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, running_mean, running_var, num_batches_tracked,
                 momentum, eps, axis, activation, activation_param, renorm_clipping,
-                renorm_mean, renorm_var, renorm_momentum, reducer):
+                renorm_mean, renorm_var, renorm_momentum, reducer, residual):
         prims = kernels.primitives(input)
         channels_last = layout.is_channels_last(input, axis)
         x = layout.channel_view(input, axis, channels_last)
@@ -42,26 +42,27 @@ class _SyncBatchNorm(torch.autograd.Function):
         out, mean, var, r, d = normalize.batch_norm_forward(
             prims, input, weight, bias, running_mean, running_var, True, eps, axis, 0,
             activation, activation_param, renorm_clipping, renorm_mean, renorm_var,
-            stats=(mean, var))
+            stats=(mean, var), residual=residual)
         if running_mean is not None:
             update_running_stats(running_mean, running_var, num_batches_tracked, mean, var,
                                  total, total, momentum)
         if renorm_mean is not None:
             update_running_stats(renorm_mean, renorm_var, None, mean, var, total, total,
                                  renorm_momentum)
-        ctx.save_for_backward(input, weight, bias, mean, var, r, d)
+        ctx.save_for_backward(input, weight, bias, mean, var, r, d, residual)
         ctx.options = (eps, axis, activation, activation_param, reducer, total)
         return out
 
     @staticmethod
     def backward(ctx, grad_output):
-        input, weight, bias, mean, var, r, d = ctx.saved_tensors
+        input, weight, bias, mean, var, r, d, residual = ctx.saved_tensors
         eps, axis, activation, activation_param, reducer, total = ctx.options
-        grads = normalize.batch_norm_backward(
+        needs = [*ctx.needs_input_grad[:3], ctx.needs_input_grad[16]]
+        *grads, grad_residual = normalize.batch_norm_backward(
             kernels.primitives(input), grad_output, input, weight, bias, mean, var, r, d, True,
-            eps, axis, 0, activation, activation_param, list(ctx.needs_input_grad[:3]),
-            reducer=reducer, count=total)
-        return (*grads, *(None,) * 13)
+            eps, axis, 0, activation, activation_param, needs, reducer=reducer, count=total,
+            residual=residual)
+        return (*grads, *(None,) * 13, grad_residual)
 
 
 def sync_batch_norm(input: Tensor, weight: Tensor | None, bias: Tensor | None,
@@ -70,10 +71,11 @@ def sync_batch_norm(input: Tensor, weight: Tensor | None, bias: Tensor | None,
                     axis: int, activation: str, activation_param: float,
                     renorm_clipping: list[float] | None, renorm_mean: Tensor | None,
                     renorm_var: Tensor | None, renorm_momentum: float,
-                    reducer: StatsReducer) -> Tensor:
+                    reducer: StatsReducer, residual: Tensor | None = None) -> Tensor:
     """Training-mode batch norm with the statistics of the batch of every process that
-    ``reducer`` reaches; running statistics follow the global batch."""
+    ``reducer`` reaches, ``act(BN(input) [+ residual])``; running statistics follow the
+    global batch."""
     return _SyncBatchNorm.apply(input, weight, bias, running_mean, running_var,
                                 num_batches_tracked, momentum, eps, axis, activation,
                                 activation_param, renorm_clipping, renorm_mean, renorm_var,
-                                renorm_momentum, reducer)
+                                renorm_momentum, reducer, residual)

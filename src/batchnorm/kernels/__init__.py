@@ -3,11 +3,14 @@
 :func:`primitives` picks, for an input tensor, the module whose kernel primitives (the
 functions of :mod:`batchnorm.kernels.reference`) run it: the compiled C++ kernels on CPU,
 the Triton kernels on CUDA, and the plain-torch reference for anything else or when a
-compiled backend is unavailable. ``BATCHNORM_BACKEND`` (read once, at import) or
-:func:`use_backend` forces one: ``torch`` (the reference everywhere), ``cpp``, or ``triton``
-(also on CPU tensors when ``TRITON_INTERPRET=1``, for testing the kernels without a GPU).
-The compiled C++ operators, which otherwise take the operators' CPU calls whole, hand them
-to the composite implementation while ``torch`` or ``triton`` is forced.
+compiled backend is unavailable. :func:`native` says whether the plain layers instead run
+on torch's own ATen kernels (:mod:`batchnorm.ops.native`), as they do on CUDA.
+``BATCHNORM_BACKEND`` (read once, at import) or :func:`use_backend` forces one: ``torch``
+(the reference everywhere), ``cpp``, ``triton`` (also on CPU tensors when
+``TRITON_INTERPRET=1``, for testing the kernels without a GPU) or ``aten`` (the plain
+layers on torch's kernels on any device, the variants on the device's primitives). The
+compiled C++ operators, which otherwise take the operators' CPU calls whole, hand them to
+the composite implementation while ``torch``, ``triton`` or ``aten`` is forced.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 
 from batchnorm.kernels import extension, reference
 
-BACKENDS = ("torch", "cpp", "triton")
+BACKENDS = ("torch", "cpp", "triton", "aten")
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
@@ -36,7 +39,7 @@ def _parse(choice: str | None) -> str | None:
 def _force(choice: str | None) -> None:
     global _forced
     _forced = choice
-    extension.run_composite_operators(choice in ("torch", "triton"))
+    extension.run_composite_operators(choice in ("torch", "triton", "aten"))
 
 
 _forced: str | None = None
@@ -79,8 +82,13 @@ def primitives(x: torch.Tensor) -> ModuleType:
     if _forced == "torch" or x.dtype not in _FLOAT_DTYPES:
         return reference
     device = x.device.type
-    if _forced == "triton" or (_forced is None and device == "cuda"):
+    if _forced == "triton" or (_forced in (None, "aten") and device == "cuda"):
         return _triton(device) or reference
     if device == "cpu":
         return _cpp() or reference
     return reference
+
+
+def native(x: torch.Tensor) -> bool:
+    """Whether plain BatchNorm/GroupNorm/LayerNorm of ``x`` run on torch's own kernels."""
+    return _forced == "aten" or (_forced is None and x.device.type == "cuda")

@@ -13,6 +13,11 @@ import torch
 from torch import Tensor
 
 from batchnorm.kernels import extension
+from batchnorm.kernels.reference import (  # noqa: F401  (no C++ kernel: the reference's)
+    channel_backward_input_residual,
+    channel_backward_reduce_residual,
+    channel_normalize_residual,
+)
 
 _NAMES = ("channel_stats", "channel_normalize", "channel_backward_reduce",
           "channel_backward_input", "rows_forward", "rows_backward")

@@ -150,13 +150,15 @@ class _BatchNormForward:
         return ", ".join([super().extra_repr(),
                           *(f"{name}={value!r}" for name, value in options.items())])
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        """``act(BN(input))``, or with ``residual`` ``act(BN(input) + residual)`` in one
+        operator (a ResNet block's tail: ``bn2(conv2(h), shortcut)``)."""
         if not is_fx_symbolic_tracing():
             self._check_input_dim(input)
         training, running_mean, running_var, num_batches_tracked = self._statistics_policy()
         return batch_norm(input, running_mean, running_var, self.weight, self.bias, training,
                           self.momentum, self.eps, num_batches_tracked=num_batches_tracked,
-                          **self._batch_norm_options())
+                          residual=residual, **self._batch_norm_options())
 
 
 class BatchNorm1d(_BatchNormForward, nn.BatchNorm1d):

@@ -89,7 +89,7 @@ class SyncBatchNorm(_BatchNormForward, _BatchNormBase):
     def _reducer(self) -> ProcessGroupReducer:
         return ProcessGroupReducer(self.process_group, self.layer_name, self.timeout)
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         """Before the first synchronized step with these channels and dtype, check that
         every process agrees on them (one small collective, not one per step)."""
         self._check_input_dim(input)
@@ -97,7 +97,7 @@ class SyncBatchNorm(_BatchNormForward, _BatchNormBase):
                                                                     input.dtype):
             self._reducer().check_inputs_agree(input)
             self.__dict__[_AGREED] = (input.shape[1], input.dtype)
-        return super().forward(input)
+        return super().forward(input, residual)
 
     def _batch_norm_options(self) -> dict[str, Any]:
         options = super()._batch_norm_options()

@@ -7,7 +7,11 @@ device-specific compiled kernel may replace. The dispatcher, autograd, ``torch.c
 ``torch.export``, FX, ``torch.jit.trace`` and the profiler then see our layers as they see
 torch's own. Forward operators are functional; the running statistics follow through a
 separate mutating operator, :func:`update_running_stats_`, called only after the forward
-accepted the batch, so a rejected batch changes no buffer.
+accepted the batch, so a rejected batch changes no buffer. :func:`batch_norm_add` is the
+ResNet block's tail, ``act(BatchNorm(x) + residual)``, as one operator.
+
+The plain layers run on torch's own kernels where :func:`batchnorm.kernels.native` says so
+(CUDA; :mod:`batchnorm.ops.native`), the variants on the kernel primitives.
 
 Double backward and ``torch.func`` transforms use :mod:`batchnorm.core.normalize` with the
 reference primitives directly: plain torch ops that every transform differentiates.
@@ -23,8 +27,10 @@ from batchnorm.core import layout, normalize
 from batchnorm.core.policy import update_running_stats
 from batchnorm.kernels import extension, reference
 from batchnorm.kernels.reference import accumulation_dtype
+from batchnorm.ops import native
 
-__all__ = ["batch_norm", "group_norm", "layer_norm", "update_running_stats_"]
+__all__ = ["batch_norm", "batch_norm_add", "group_norm", "layer_norm",
+           "update_running_stats_"]
 
 _lib = torch.library.Library("batchnorm", "DEF")
 _SCHEMAS = {
@@ -44,6 +50,22 @@ _SCHEMAS = {
                                           "float eps, int axis, int chunk, str activation, "
                                           "float activation_param, bool[3] output_mask) "
                                           "-> (Tensor, Tensor, Tensor)",
+    "batch_norm_add": "(Tensor input, Tensor residual, Tensor? weight, Tensor? bias, "
+                      "Tensor? running_mean, Tensor? running_var, bool training, float eps, "
+                      "int axis=1, int chunk=0, str activation='identity', "
+                      "float activation_param=0.) -> (Tensor, Tensor, Tensor)",
+    "batch_norm_add_backward": "(Tensor grad_output, Tensor input, Tensor residual, "
+                               "Tensor? weight, Tensor? bias, Tensor mean, Tensor var, "
+                               "bool training, float eps, int axis, int chunk, str activation, "
+                               "float activation_param, bool[4] output_mask) "
+                               "-> (Tensor, Tensor, Tensor, Tensor)",
+    "batch_norm_add_backward_differentiable": "(Tensor grad_output, Tensor input, "
+                                              "Tensor residual, Tensor? weight, Tensor? bias, "
+                                              "Tensor mean, Tensor var, bool training, "
+                                              "float eps, int axis, int chunk, "
+                                              "str activation, float activation_param, "
+                                              "bool[4] output_mask) "
+                                              "-> (Tensor, Tensor, Tensor, Tensor)",
     "update_running_stats_": "(Tensor(a!) running_mean, Tensor(b!) running_var, "
                              "Tensor(c!)? num_batches_tracked, Tensor mean, Tensor var, "
                              "SymInt count, SymInt last_count, float? momentum) -> ()",
@@ -77,9 +99,18 @@ def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
 
 # Composite implementations: the core over the primitives picked for the input.
 
+def _plain_native(input, axis, chunk, activation, renorm, *tensors):
+    """Plain BatchNorm that torch's kernels run here."""
+    return (axis == 1 and chunk == 0 and activation == "identity" and not renorm
+            and kernels.native(input) and native.handles(input, *tensors))
+
+
 def _batch_norm(input, weight, bias, running_mean, running_var, training, eps, axis=1, chunk=0,
                 activation="identity", activation_param=0.0, renorm_clipping=None,
                 renorm_mean=None, renorm_var=None):
+    if _plain_native(input, axis, chunk, activation, renorm_clipping is not None, weight,
+                     bias, running_mean, running_var):
+        return native.batch_norm(input, weight, bias, running_mean, running_var, training, eps)
     with torch.no_grad():
         return normalize.batch_norm_forward(
             kernels.primitives(input), input, weight, bias, running_mean, running_var,
@@ -90,14 +121,42 @@ def _batch_norm(input, weight, bias, running_mean, running_var, training, eps, a
 def _batch_norm_backward(grad_output, input, weight, bias, mean, var, renorm_r, renorm_d,
                          training, eps, axis, chunk, activation, activation_param,
                          output_mask):
+    if _plain_native(input, axis, chunk, activation, renorm_r.numel() > 0, weight, bias, mean,
+                     var):
+        grads = native.batch_norm_backward(grad_output, input, weight, mean, var, training,
+                                           eps, output_mask)
+    else:
+        with torch.no_grad():
+            grads = normalize.batch_norm_backward(
+                kernels.primitives(input), grad_output, input, weight, bias, mean, var,
+                renorm_r, renorm_d, training, eps, axis, chunk, activation, activation_param,
+                output_mask)[:3]
+    return tuple(_or_empty(g, input) for g in grads)
+
+
+def _batch_norm_add(input, residual, weight, bias, running_mean, running_var, training, eps,
+                    axis=1, chunk=0, activation="identity", activation_param=0.0):
+    with torch.no_grad():
+        return normalize.batch_norm_forward(
+            kernels.primitives(input), input, weight, bias, running_mean, running_var,
+            training, eps, axis, chunk, activation, activation_param, None, None, None,
+            residual=residual)[:3]
+
+
+def _batch_norm_add_backward(grad_output, input, residual, weight, bias, mean, var, training,
+                             eps, axis, chunk, activation, activation_param, output_mask):
+    empty = mean.new_empty((0,))
     with torch.no_grad():
         grads = normalize.batch_norm_backward(
-            kernels.primitives(input), grad_output, input, weight, bias, mean, var, renorm_r,
-            renorm_d, training, eps, axis, chunk, activation, activation_param, output_mask)
+            kernels.primitives(input), grad_output, input, weight, bias, mean, var, empty,
+            empty, training, eps, axis, chunk, activation, activation_param, output_mask,
+            residual=residual)
     return tuple(_or_empty(g, input) for g in grads)
 
 
 def _group_norm(input, weight, bias, num_groups, eps):
+    if kernels.native(input) and native.handles(input, weight, bias, channels_last=False):
+        return native.group_norm(input, weight, bias, num_groups, eps)
     with torch.no_grad():
         return normalize.group_norm_forward(kernels.primitives(input), input, weight, bias,
                                             num_groups, eps)
@@ -105,14 +164,20 @@ def _group_norm(input, weight, bias, num_groups, eps):
 
 def _group_norm_backward(grad_output, input, weight, bias, mean, invstd, num_groups,
                          output_mask):
-    with torch.no_grad():
-        grads = normalize.group_norm_backward(kernels.primitives(input), grad_output, input,
-                                              weight, bias, mean, invstd, num_groups,
-                                              output_mask)
+    if kernels.native(input) and native.handles(input, weight, bias, channels_last=False):
+        grads = native.group_norm_backward(grad_output, input, weight, mean, invstd,
+                                           num_groups, output_mask)
+    else:
+        with torch.no_grad():
+            grads = normalize.group_norm_backward(kernels.primitives(input), grad_output,
+                                                  input, weight, bias, mean, invstd,
+                                                  num_groups, output_mask)
     return tuple(_or_empty(g, input) for g in grads)
 
 
 def _layer_norm(input, normalized_ndim, weight, bias, eps):
+    if kernels.native(input) and native.handles(input, weight, bias, channels_last=False):
+        return native.layer_norm(input, normalized_ndim, weight, bias, eps)
     with torch.no_grad():
         return normalize.layer_norm_forward(kernels.primitives(input), input, normalized_ndim,
                                             weight, bias, eps)
@@ -120,14 +185,20 @@ def _layer_norm(input, normalized_ndim, weight, bias, eps):
 
 def _layer_norm_backward(grad_output, input, normalized_ndim, weight, bias, mean, invstd,
                          output_mask):
-    with torch.no_grad():
-        grads = normalize.layer_norm_backward(kernels.primitives(input), grad_output, input,
-                                              normalized_ndim, weight, bias, mean, invstd,
-                                              output_mask)
+    if kernels.native(input) and native.handles(input, weight, bias, channels_last=False):
+        grads = native.layer_norm_backward(grad_output, input, normalized_ndim, weight, bias,
+                                           mean, invstd, output_mask)
+    else:
+        with torch.no_grad():
+            grads = normalize.layer_norm_backward(kernels.primitives(input), grad_output,
+                                                  input, normalized_ndim, weight, bias, mean,
+                                                  invstd, output_mask)
     return tuple(_or_empty(g, input) for g in grads)
 
 
 for _name, _impl in (("batch_norm", _batch_norm), ("batch_norm_backward", _batch_norm_backward),
+                     ("batch_norm_add", _batch_norm_add),
+                     ("batch_norm_add_backward", _batch_norm_add_backward),
                      ("update_running_stats_", update_running_stats),
                      ("group_norm", _group_norm), ("group_norm_backward", _group_norm_backward),
                      ("layer_norm", _layer_norm), ("layer_norm_backward", _layer_norm_backward)):
@@ -151,17 +222,21 @@ def _fake_grads(input, weight, bias, output_mask, axis):
             else input.new_empty((0,)))
 
 
+def _fake_stat(input: Tensor, training: bool, axis: int, chunk: int) -> Tensor:
+    """A per-(chunk, channel) statistics table."""
+    chunks = 1
+    if training and chunk and input.numel() != 0:
+        chunks = (input.shape[0] + chunk - 1) // chunk
+    return input.new_empty((chunks, input.shape[axis]), dtype=accumulation_dtype(input.dtype))
+
+
 @torch.library.register_fake("batchnorm::batch_norm")
 def _(input, weight, bias, running_mean, running_var, training, eps, axis=1, chunk=0,
       activation="identity", activation_param=0.0, renorm_clipping=None, renorm_mean=None,
       renorm_var=None):
-    channels = input.shape[axis]
-    chunks = 1
-    if training and chunk and input.numel() != 0:
-        chunks = (input.shape[0] + chunk - 1) // chunk
-    stat = input.new_empty((chunks, channels), dtype=accumulation_dtype(input.dtype))
+    stat = _fake_stat(input, training, axis, chunk)
     renorm = training and renorm_clipping is not None
-    rd_shape = (chunks, channels) if renorm else (0,)
+    rd_shape = stat.shape if renorm else (0,)
     return (_like_output(input, axis), stat, torch.empty_like(stat),
             stat.new_empty(rd_shape), stat.new_empty(rd_shape))
 
@@ -170,6 +245,20 @@ def _(input, weight, bias, running_mean, running_var, training, eps, axis=1, chu
 def _(grad_output, input, weight, bias, mean, var, renorm_r, renorm_d, training, eps, axis,
       chunk, activation, activation_param, output_mask):
     return _fake_grads(input, weight, bias, output_mask, axis)
+
+
+@torch.library.register_fake("batchnorm::batch_norm_add")
+def _(input, residual, weight, bias, running_mean, running_var, training, eps, axis=1, chunk=0,
+      activation="identity", activation_param=0.0):
+    stat = _fake_stat(input, training, axis, chunk)
+    return _like_output(input, axis), stat, torch.empty_like(stat)
+
+
+@torch.library.register_fake("batchnorm::batch_norm_add_backward")
+def _(grad_output, input, residual, weight, bias, mean, var, training, eps, axis, chunk,
+      activation, activation_param, output_mask):
+    return (*_fake_grads(input, weight, bias, output_mask, axis),
+            _like_output(input, axis) if output_mask[3] else input.new_empty((0,)))
 
 
 @torch.library.register_fake("batchnorm::update_running_stats_")
@@ -236,6 +325,15 @@ def _batch_norm_backward_differentiable(grad_output, input, weight, bias, mean, 
         grad_output, (input, weight, bias), output_mask)
 
 
+def _batch_norm_add_backward_differentiable(grad_output, input, residual, weight, bias, mean,
+                                            var, training, eps, axis, chunk, activation,
+                                            activation_param, output_mask):
+    return _second_order(lambda: normalize.batch_norm_forward(
+        reference, input, weight, bias, mean.view(-1), var.view(-1), training, eps, axis,
+        chunk, activation, activation_param, None, None, None, check=False,
+        residual=residual)[0], grad_output, (input, weight, bias, residual), output_mask)
+
+
 def _group_norm_backward_differentiable(grad_output, input, weight, bias, mean, invstd,
                                         num_groups, eps, output_mask):
     return _second_order(lambda: normalize.group_norm_forward(
@@ -251,6 +349,8 @@ def _layer_norm_backward_differentiable(grad_output, input, normalized_ndim, wei
 
 
 for _name, _impl in (("batch_norm_backward_differentiable", _batch_norm_backward_differentiable),
+                     ("batch_norm_add_backward_differentiable",
+                      _batch_norm_add_backward_differentiable),
                      ("group_norm_backward_differentiable", _group_norm_backward_differentiable),
                      ("layer_norm_backward_differentiable", _layer_norm_backward_differentiable)):
     _lib.impl(_name, _impl, "CompositeImplicitAutograd")
@@ -276,6 +376,26 @@ def _backward_batch_norm(ctx, grad_output, *_):
     grads = backward.default(grad_output, input, weight, bias, mean, var, r, d, *ctx.options,
                              needs)
     return (*_grads_or_none(grads, needs), *(None,) * 11)
+
+
+def _setup_batch_norm_add(ctx, inputs, output):
+    (input, residual, weight, bias, _, _, training, eps, axis, chunk, activation,
+     activation_param) = inputs
+    _, mean, var = output
+    ctx.mark_non_differentiable(mean, var)
+    ctx.save_for_backward(input, residual, weight, bias, mean, var)
+    ctx.options = (training, eps, axis, chunk, activation, activation_param)
+
+
+def _backward_batch_norm_add(ctx, grad_output, *_):
+    input, residual, weight, bias, mean, var = ctx.saved_tensors
+    needs = [*ctx.needs_input_grad[:1], *ctx.needs_input_grad[2:4], ctx.needs_input_grad[1]]
+    backward = (torch.ops.batchnorm.batch_norm_add_backward_differentiable
+                if torch.is_grad_enabled() else torch.ops.batchnorm.batch_norm_add_backward)
+    grad_input, grad_weight, grad_bias, grad_residual = _grads_or_none(
+        backward.default(grad_output, input, residual, weight, bias, mean, var, *ctx.options,
+                         needs), needs)
+    return (grad_input, grad_residual, grad_weight, grad_bias, *(None,) * 8)
 
 
 def _setup_group_norm(ctx, inputs, output):
@@ -323,12 +443,15 @@ def _backward_layer_norm(ctx, grad_output, *_):
 
 torch.library.register_autograd("batchnorm::batch_norm", _backward_batch_norm,
                                 setup_context=_setup_batch_norm)
+torch.library.register_autograd("batchnorm::batch_norm_add", _backward_batch_norm_add,
+                                setup_context=_setup_batch_norm_add)
 torch.library.register_autograd("batchnorm::group_norm", _backward_group_norm,
                                 setup_context=_setup_group_norm)
 torch.library.register_autograd("batchnorm::layer_norm", _backward_layer_norm,
                                 setup_context=_setup_layer_norm)
 
 batch_norm = torch.ops.batchnorm.batch_norm.default
+batch_norm_add = torch.ops.batchnorm.batch_norm_add.default
 group_norm = torch.ops.batchnorm.group_norm.default
 layer_norm = torch.ops.batchnorm.layer_norm.default
 update_running_stats_ = torch.ops.batchnorm.update_running_stats_.default

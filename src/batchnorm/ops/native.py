@@ -1,0 +1,122 @@
+"""Plain BatchNorm, GroupNorm and LayerNorm on torch's own ATen kernels: the CUDA
+implementation of those operators (``BATCHNORM_BACKEND=aten`` forces it on any device).
+
+ATen's native CUDA batch norm computes its statistics with Welford's algorithm, exact
+under a large common offset; this goes to it directly (``aten::native_batch_norm``), never
+through ``aten::batch_norm``, which may pick cuDNN. The operators' contract stays ours:
+the forward returns the biased batch variance (for the running statistics, which
+:func:`batchnorm.ops.update_running_stats_` updates only for a finite batch) and checks the
+statistics exactly as the composite does. The variants (fused activation, residual, ghost
+batches, Batch Renormalization, InstanceNorm) and half precision take the Triton kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from batchnorm.core import layout
+from batchnorm.core.policy import check_finite, check_variance
+
+_aten = torch.ops.aten
+_DTYPES = (torch.float32, torch.float64)
+
+
+def handles(input: Tensor, *tensors: Tensor | None, channels_last: bool = True) -> bool:
+    """Whether the ATen kernels compute exactly what the composite would: float32/float64
+    input whose parameters and statistics share its dtype, in memory the kernels return
+    their results in (contiguous, or channels-last where ``channels_last`` allows)."""
+    if input.dtype not in _DTYPES or input.numel() == 0:
+        return False
+    if any(t is not None and t.dtype != input.dtype for t in tensors):
+        return False
+    return input.is_contiguous() or (channels_last and layout.is_channels_last(input, 1))
+
+
+def _like_input(grad_output: Tensor, input: Tensor) -> Tensor:
+    """The gradient in its input's memory order, as the kernels expect."""
+    if layout.is_channels_last(input, 1):
+        format = torch.channels_last if input.dim() == 4 else torch.channels_last_3d
+        return grad_output.contiguous(memory_format=format)
+    return grad_output.contiguous()
+
+
+def batch_norm(input: Tensor, weight: Tensor | None, bias: Tensor | None,
+               running_mean: Tensor | None, running_var: Tensor | None, training: bool,
+               eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(y, mean, var, r, d)`` of plain BatchNorm over dim 1 (r and d empty).
+
+    ATen returns ``1 / sqrt(var + eps)``, from which a variance far below eps cannot be
+    recovered; the unbiased variance comes instead from a momentum-1 update of zeroed
+    statistics, ``var = unbiased * (n - 1) / n``."""
+    if training:
+        mean = input.new_zeros(input.shape[1])
+        var = torch.zeros_like(mean)
+        y, save_mean, _ = _aten.native_batch_norm(input, weight, bias, mean, var, True, 1.0,
+                                                  eps)
+        count = input.numel() // input.shape[1]
+        mean, var = save_mean.view(1, -1), var.mul_((count - 1) / count).view(1, -1)
+        check_finite(mean, var)
+    else:  # copies: an operator's outputs never alias its inputs
+        y = _aten._native_batch_norm_legit_no_training(input, weight, bias, running_mean,
+                                                       running_var, 0.0, eps)[0]
+        mean, var = running_mean.view(1, -1).clone(), running_var.view(1, -1).clone()
+    empty = mean.new_empty((0,))
+    return y, mean, var, empty, torch.empty_like(empty)
+
+
+def batch_norm_backward(grad_output: Tensor, input: Tensor, weight: Tensor | None,
+                        mean: Tensor, var: Tensor, training: bool, eps: float,
+                        output_mask: list[bool]) -> tuple[Tensor | None, ...]:
+    """Gradients of :func:`batch_norm` (None where not asked for)."""
+    grad_output = _like_input(grad_output, input)
+    if training:
+        return _aten.native_batch_norm_backward(
+            grad_output, input, weight, None, None, mean.view(-1),
+            torch.rsqrt(var.view(-1) + eps), True, eps, output_mask)
+    return _aten.native_batch_norm_backward(grad_output, input, weight, mean.view(-1),
+                                            var.view(-1), None, None, False, eps, output_mask)
+
+
+def _group_shape(input: Tensor) -> tuple[int, int, int]:
+    n, channels = input.shape[0], input.shape[1]
+    return n, channels, input.numel() // max(n * channels, 1)
+
+
+def group_norm(input: Tensor, weight: Tensor | None, bias: Tensor | None, num_groups: int,
+               eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(y, mean (N, G), invstd (N, G))``."""
+    y, mean, invstd = _aten.native_group_norm(input, weight, bias, *_group_shape(input),
+                                              num_groups, eps)
+    check_variance(invstd)
+    return y, mean, invstd
+
+
+def group_norm_backward(grad_output: Tensor, input: Tensor, weight: Tensor | None,
+                        mean: Tensor, invstd: Tensor, num_groups: int,
+                        output_mask: list[bool]) -> tuple[Tensor | None, ...]:
+    return _aten.native_group_norm_backward(grad_output.contiguous(), input, mean, invstd,
+                                            weight, *_group_shape(input), num_groups,
+                                            output_mask)
+
+
+def _stat_shape(input: Tensor, normalized_ndim: int) -> list[int]:
+    return [*input.shape[:input.dim() - normalized_ndim], *(1,) * normalized_ndim]
+
+
+def layer_norm(input: Tensor, normalized_ndim: int, weight: Tensor | None,
+               bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(y, mean (R,), invstd (R,))``."""
+    y, mean, invstd = _aten.native_layer_norm(input, input.shape[input.dim() - normalized_ndim:],
+                                              weight, bias, eps)
+    check_variance(invstd)
+    return y, mean.view(-1), invstd.view(-1)
+
+
+def layer_norm_backward(grad_output: Tensor, input: Tensor, normalized_ndim: int,
+                        weight: Tensor | None, bias: Tensor | None, mean: Tensor,
+                        invstd: Tensor, output_mask: list[bool]) -> tuple[Tensor | None, ...]:
+    shape = _stat_shape(input, normalized_ndim)
+    return _aten.native_layer_norm_backward(
+        grad_output.contiguous(), input, input.shape[input.dim() - normalized_ndim:],
+        mean.view(shape), invstd.view(shape), weight, bias, output_mask)
