@@ -102,17 +102,8 @@ def run_layers(cases: list[Case], bandwidth: float, settings: Settings,
 
 def run_models(cases: list[training.ModelCase], settings: Settings,
                compiler: measure.Compiler) -> list[dict[str, object]]:
-    rows = []
-    for case in cases:
-        for layout in case.layouts:
-            for row in training.run(case, layout, compiler, settings.rounds["models"],
-                                    settings.warmup, settings.min_round_s["models"],
-                                    settings.limits):
-                rows.append(row)
-                print(f"{case.name} {layout} {row['mode']}: torch.nn "
-                      f"{report.ms(row['torch_ms'])} ms, converted "
-                      f"{report.ms(row['ours_ms'])} ms", flush=True)
-    return rows
+    return training.run_all(cases, compiler, settings.rounds["models"], settings.warmup,
+                            settings.min_round_s["models"], settings.limits)
 
 
 def parse_args_and_rest(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:

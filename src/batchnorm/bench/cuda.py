@@ -8,11 +8,13 @@ GroupNorm; an eval forward. Torch has no kernel for ghost batches or renorm: its
 column is the usual composite (a loop of ``F.batch_norm`` over the chunks; renorm in
 torch ops), which torch.compile then gets.
 
-"ours" runs the kernel primitives as the CUDA operators call them: statistics, normalize;
-backward reduce, backward input; the per-channel tables between them in torch ops. The
-roofline is the minimal traffic of the case (``passes`` tensor-sized reads and writes) over
-this run's device copy bandwidth. Times are medians of CUDA-event intervals over
-interleaved rounds; ``--dry-run`` lists the cases without a GPU.
+"ours" is :mod:`batchnorm.functional` with autograd, as a converted model runs it: the
+plain layers on torch's native kernels (never cuDNN), the variants on the Triton kernels,
+and, in training, the finite check of the batch statistics (one host synchronization per
+BatchNorm call, which torch does not make). The roofline is the minimal traffic of the
+case (``passes`` tensor-sized reads and writes) over this run's device copy bandwidth.
+Times are medians of CUDA-event intervals over interleaved rounds; ``--dry-run`` lists the
+cases without a GPU.
 """
 
 from __future__ import annotations
@@ -26,14 +28,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from batchnorm import functional as ours
+from batchnorm.bench import measure, report, training
 from batchnorm.bench.measure import time_limit
-from batchnorm.kernels.reference import accumulation_dtype, chunk_counts
+from batchnorm.kernels.reference import accumulation_dtype
 
 EPS = 1e-5
 MOMENTUM = 0.1
@@ -42,6 +45,7 @@ BATCH = 64
 # (C, H, W) of the BatchNorm layers of ResNet-50 at 224 x 224.
 RESNET50_BN = ((64, 112, 112), (64, 56, 56), (256, 56, 56), (128, 28, 28), (512, 28, 28),
                (256, 14, 14), (1024, 14, 14), (512, 7, 7), (2048, 7, 7))
+MODEL_ROUND_S = 0.2  # each model's calls per round fill at least this long
 ACTIVATION_PARAMS = {"identity": 0.0, "relu": 0.0, "leaky_relu": 0.01, "elu": 1.0,
                      "silu": 0.0}
 
@@ -192,153 +196,30 @@ def eager_forward(case: CudaCase) -> Callable[..., Tensor]:
     return forward
 
 
-# ---- ours: the primitives, as the operators call them (no autograd)
+# ---- ours: the public functional (the operators, with autograd), as a converted model runs
 
-def channel_view(x: Tensor) -> tuple[Tensor, int]:
-    """``(N, C, *spatial)`` as the (P, C, Q) view, without a copy, and its rows per sample:
-    NCHW ``(N, C, H*W)``, 1 row per sample; channels-last ``(N*H*W, C, 1)``, H*W rows."""
-    if x.dim() > 2 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous():
-        return x.movedim(1, -1).reshape(-1, x.shape[1], 1), math.prod(x.shape[2:])
-    return x.reshape(x.shape[0], x.shape[1], -1), 1
+def ours_forward(case: CudaCase) -> Callable[..., Tensor]:
+    """:func:`eager_forward`'s signature and result through :mod:`batchnorm.functional`."""
+    training = case.mode == "train"
+    activation = None if case.activation == "identity" else case.activation
+    param = ACTIVATION_PARAMS[case.activation] if case.activation in ("leaky_relu", "elu") \
+        else None
 
-
-def restore(view: Tensor, like: Tensor) -> Tensor:
-    """The inverse of :func:`channel_view` for a tensor laid out as ``view``."""
-    if like.dim() > 2 and view.shape[0] != like.shape[0]:
-        return view.view(like.shape[0], *like.shape[2:], like.shape[1]).movedim(-1, 1)
-    return view.view(like.shape)
-
-
-def batch_norm_step(prims: ModuleType, x: Tensor, dy: Tensor, weight: Tensor, bias: Tensor,
-                    running_mean: Tensor | None = None, running_var: Tensor | None = None, *,
-                    activation: str = "identity", residual: Tensor | None = None,
-                    ghost: int | None = None, renorm: bool = False) -> dict[str, Tensor]:
-    """Training forward and backward of BN (+ residual) + activation through ``prims``.
-
-    Tables per (chunk, channel): ``scale = w * invstd * r``, ``shift = b + w * d`` (r = 1,
-    d = 0 without renorm); backward ``k1 = scale``, ``k0 = -k1 * sum(g) / n``,
-    ``k2 = -k1 * invstd^2 * sum(g * (x - mean)) / n``; ``dw = sum over chunks of
-    r * invstd * sum(g * (x - mean)) + d * sum(g)``, ``db = sum of sum(g)``. Running
-    statistics (one chunk only) are updated as torch does, unbiased variance."""
-    param = ACTIVATION_PARAMS[activation]
-    view, rows_per_sample = channel_view(x)
-    dy_view = channel_view(dy)[0]
-    rows, _, quantity = view.shape
-    chunk = rows if ghost is None else ghost * rows_per_sample
-    acc = accumulation_dtype(x.dtype)
-    mean, var = prims.channel_stats(view, chunk)
-    invstd = torch.rsqrt(var + EPS)
-    w, b = weight.to(acc), bias.to(acc)
-    r, d = torch.ones_like(mean), torch.zeros_like(mean)
-    if renorm:
-        running_std = torch.sqrt(running_var.to(acc) + EPS)
-        r = (torch.sqrt(var + EPS) / running_std).clamp(1 / RENORM_RMAX, RENORM_RMAX)
-        d = ((mean - running_mean.to(acc)) / running_std).clamp(-RENORM_DMAX, RENORM_DMAX)
-    scale = w * invstd * r
-    shift = b + w * d
-    if residual is None:
-        y = prims.channel_normalize(view, mean, scale, shift, chunk, activation, param)
-        sum_g, sum_gc = prims.channel_backward_reduce(dy_view, view, mean, scale, shift, chunk,
-                                                      activation, param)
-    else:
-        res_view = channel_view(residual)[0]
-        y = prims.channel_normalize_residual(view, res_view, mean, scale, shift, chunk,
-                                             activation, param)
-        sum_g, sum_gc = prims.channel_backward_reduce_residual(
-            dy_view, view, res_view, mean, scale, shift, chunk, activation, param)
-    counts = chunk_counts(rows, chunk, quantity, acc, x.device).unsqueeze(1)
-    k1 = scale
-    k0 = -k1 * sum_g / counts
-    k2 = -k1 * invstd * invstd * sum_gc / counts
-    out = {"y": restore(y, x), "weight_grad": (r * invstd * sum_gc + d * sum_g).sum(0),
-           "bias_grad": sum_g.sum(0)}
-    if residual is None:
-        dx = prims.channel_backward_input(dy_view, view, mean, scale, shift, k1, k0, k2, chunk,
-                                          activation, param)
-    else:
-        dx, d_res = prims.channel_backward_input_residual(
-            dy_view, view, res_view, mean, scale, shift, k1, k0, k2, chunk, activation, param)
-        out["residual_grad"] = restore(d_res, residual)
-    out["x_grad"] = restore(dx, x)
-    if running_mean is not None and mean.shape[0] == 1:
-        count = rows * quantity
-        running_mean.lerp_(mean[0].to(running_mean.dtype), MOMENTUM)
-        running_var.lerp_((var[0] * count / max(count - 1, 1)).to(running_var.dtype),
-                          MOMENTUM)
-    return out
-
-
-def batch_norm_eval(prims: ModuleType, x: Tensor, weight: Tensor, bias: Tensor,
-                    running_mean: Tensor, running_var: Tensor, activation: str = "identity"
-                    ) -> Tensor:
-    view = channel_view(x)[0]
-    acc = accumulation_dtype(x.dtype)
-    scale = (weight.to(acc) * torch.rsqrt(running_var.to(acc) + EPS)).view(1, -1)
-    y = prims.channel_normalize(view, running_mean.to(acc).view(1, -1), scale,
-                                bias.to(acc).view(1, -1), view.shape[0], activation,
-                                ACTIVATION_PARAMS[activation])
-    return restore(y, x)
-
-
-def layer_norm_step(prims: ModuleType, x: Tensor, dy: Tensor, weight: Tensor, bias: Tensor
-                    ) -> dict[str, Tensor]:
-    rows = x.reshape(-1, x.shape[-1])
-    y, mean, invstd = prims.rows_forward(rows, weight, bias, EPS)
-    dx, weight_grad, bias_grad = prims.rows_backward(dy.reshape(rows.shape), rows, mean,
-                                                     invstd, weight)
-    return {"y": y.view(x.shape), "x_grad": dx.view(x.shape), "weight_grad": weight_grad,
-            "bias_grad": bias_grad}
-
-
-def group_norm_step(prims: ModuleType, x: Tensor, dy: Tensor, weight: Tensor, bias: Tensor,
-                    groups: int) -> dict[str, Tensor]:
-    """GroupNorm (NCHW): statistics per (sample, group) on the ``(N, G, C/G * HW)`` view,
-    then the channel primitives on ``(N, C, HW)`` with chunk 1 and (N, C) tables
-    ``mean``, ``scale = invstd * w``, ``shift = b``; backward per group ``k1 = scale``,
-    ``k0 = -invstd * mean_group(g * w)``, ``k2 = -invstd^2 * mean_group(g * w * x_hat)``."""
-    batch, channels = x.shape[:2]
-    per_group = channels // groups
-    x = x.contiguous()
-    view = x.view(batch, channels, -1)
-    dy_view = dy.contiguous().view(view.shape)
-    acc = accumulation_dtype(x.dtype)
-    group_mean, group_var = prims.channel_stats(x.view(batch, groups, -1), 1)
-    group_invstd = torch.rsqrt(group_var + EPS)
-    mean = group_mean.repeat_interleave(per_group, 1)
-    invstd = group_invstd.repeat_interleave(per_group, 1)
-    w, b = weight.to(acc), bias.to(acc)
-    scale = invstd * w
-    shift = b.expand(batch, channels).contiguous()
-    y = prims.channel_normalize(view, mean, scale, shift, 1, "identity", 0.0)
-    sum_g, sum_gc = prims.channel_backward_reduce(dy_view, view, mean, scale, shift, 1,
-                                                  "identity", 0.0)
-    count = per_group * view.shape[2]
-    mean_gh = (w * sum_g).view(batch, groups, per_group).sum(2) / count
-    mean_gh_xhat = (w * sum_gc).view(batch, groups, per_group).sum(2) * group_invstd / count
-    k0 = -invstd * mean_gh.repeat_interleave(per_group, 1)
-    k2 = -invstd * invstd * mean_gh_xhat.repeat_interleave(per_group, 1)
-    dx = prims.channel_backward_input(dy_view, view, mean, scale, shift, scale, k0, k2, 1,
-                                      "identity", 0.0)
-    return {"y": y.view(x.shape), "x_grad": dx.view(x.shape),
-            "weight_grad": (sum_gc * invstd).sum(0), "bias_grad": sum_g.sum(0)}
-
-
-def ours_step(prims: ModuleType, case: CudaCase, tensors: dict[str, Tensor]
-              ) -> Callable[[], object]:
-    """One call of the case through ``prims``: a training step, or an eval forward."""
-    t = tensors
-    if case.mode == "eval":
-        return lambda: batch_norm_eval(prims, t["x"], t["weight"], t["bias"],
-                                       t["running_mean"], t["running_var"], case.activation)
-    if case.family == "layer_norm":
-        return lambda: layer_norm_step(prims, t["x"], t["dy"], t["weight"], t["bias"])
-    if case.family == "group_norm":
-        return lambda: group_norm_step(prims, t["x"], t["dy"], t["weight"], t["bias"],
-                                       case.groups)
-    return lambda: batch_norm_step(
-        prims, t["x"], t["dy"], t["weight"], t["bias"], t["running_mean"], t["running_var"],
-        activation=case.activation, residual=t.get("residual"), ghost=case.ghost,
-        renorm=case.family == "renorm")
+    def forward(x, weight, bias, running_mean, running_var, residual=None):
+        if case.family == "layer_norm":
+            return ours.layer_norm(x, (x.shape[-1],), weight, bias, EPS)
+        if case.family == "group_norm":
+            return ours.group_norm(x, case.groups, weight, bias, EPS)
+        options = {"activation": activation, "activation_param": param, "residual": residual}
+        if case.family == "ghost":
+            return ours.batch_norm(x, None, None, weight, bias, True, 0.0, EPS,
+                                   ghost_batch_size=case.ghost, **options)
+        if case.family == "renorm":
+            options.update(renorm=True, renorm_clipping={
+                "rmax": RENORM_RMAX, "rmin": 1 / RENORM_RMAX, "dmax": RENORM_DMAX})
+        return ours.batch_norm(x, running_mean, running_var, weight, bias, training, MOMENTUM,
+                               EPS, **options)
+    return forward
 
 
 def torch_step(case: CudaCase, tensors: dict[str, Tensor],
@@ -417,10 +298,10 @@ def gpu_info(device: torch.device) -> dict[str, object]:
             "python": platform.python_version()}
 
 
-def run_case(prims: ModuleType, case: CudaCase, device: torch.device, bandwidth: float,
-             rounds: int, warmup: int, compile_budget_s: float | None) -> dict[str, object]:
+def run_case(case: CudaCase, device: torch.device, bandwidth: float, rounds: int,
+             warmup: int, compile_budget_s: float | None) -> dict[str, object]:
     tensors = case.tensors(device, torch.Generator().manual_seed(0))
-    steps = {"ours": ours_step(prims, case, tensors),
+    steps = {"ours": torch_step(case, tensors, ours_forward(case)),
              "eager": torch_step(case, tensors, eager_forward(case))}
     compile_note = "n/a (--no-compile)"
     if compile_budget_s is not None:
@@ -457,19 +338,19 @@ def _ratio(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}x"
 
 
-def markdown(report: dict[str, object]) -> str:
-    info = report["gpu"]
+def markdown(results: dict[str, object]) -> str:
+    info = results["gpu"]
     peak = info["peak_bandwidth_gbs"]
     lines = [f"GPU: {info['gpu']} ({info['memory_gib']:.0f} GiB, {info['multiprocessors']} "
              f"SMs), torch {info['torch']}, triton {info['triton']}, CUDA {info['cuda']}, "
              f"cuDNN {info['cudnn']}.",
-             f"Copy bandwidth (read + write): {report['copy_bandwidth_gbs']:.0f} GB/s"
+             f"Copy bandwidth (read + write): {results['copy_bandwidth_gbs']:.0f} GB/s"
              + (f" (peak from the memory clock and bus: {peak:.0f} GB/s)" if peak else "")
-             + f"; {report['rounds']} interleaved rounds, median ms (CUDA events).", "",
+             + f"; {results['rounds']} interleaved rounds, median ms (CUDA events).", "",
              "| case | shape | dtype | layout | mode | ours ms | eager ms | vs eager | "
              "compile ms | vs compile | roofline ms | ours / roofline |",
              "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for row in report["rows"]:
+    for row in results["rows"]:
         compiled = _ms(row["compile_ms"]) if row["compile_ms"] is not None else row[
             "compile_note"]
         lines.append(f"| {row['case']} | {'x'.join(map(str, row['shape']))} | {row['dtype']} "
@@ -477,6 +358,8 @@ def markdown(report: dict[str, object]) -> str:
                      f"{_ms(row['eager_ms'])} | {_ratio(row['speedup_vs_eager'])} | "
                      f"{compiled} | {_ratio(row['speedup_vs_compile'])} | "
                      f"{_ms(row['roofline_ms'])} | {_ratio(row['ours_over_roofline'])} |")
+    if results["models"]:
+        lines += ["", *report.models_markdown(results["models"], results["models_summary"])]
     return "\n".join(lines) + "\n"
 
 
@@ -502,6 +385,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     parser.add_argument("--compile-budget", type=float, default=900.0,
                         help="seconds of torch.compile allowed over the whole run")
+    parser.add_argument("--no-models", action="store_true",
+                        help="skip the real-model section (training steps of whole models)")
     parser.add_argument("--dry-run", action="store_true",
                         help="list the cases and their traffic; needs no GPU")
     return parser.parse_args(argv)
@@ -534,17 +419,28 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     for case in selected:
         began = time.perf_counter()
-        rows.append(run_case(triton_kernels, case, device, bandwidth, rounds, warmup, budget))
+        rows.append(run_case(case, device, bandwidth, rounds, warmup, budget))
         if budget is not None and rows[-1]["compile_ms"] is not None:
             budget -= time.perf_counter() - began
         torch.cuda.empty_cache()
         print(f"{_label(case)}: ours {rows[-1]['ours_ms']:.3f} ms, eager "
               f"{rows[-1]['eager_ms']:.3f} ms", flush=True)
-    report = {"gpu": gpu_info(device), "copy_bandwidth_gbs": bandwidth / 1e9,
-              "rounds": rounds, "rows": rows, "wall_s": time.perf_counter() - started}
+    models = [] if args.no_models or args.filter else run_models(device, rounds, warmup, budget)
+    results = {"gpu": gpu_info(device), "copy_bandwidth_gbs": bandwidth / 1e9,
+               "rounds": rounds, "rows": rows, "models": models,
+               "models_summary": report.summarize(
+                   models, lambda row: (row["mode"], row["layout"]), ("mode", "layout")),
+               "wall_s": time.perf_counter() - started}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results-cuda.json").write_text(json.dumps(report, indent=2) + "\n")
-    text = markdown(report)
+    (args.out / "results-cuda.json").write_text(json.dumps(results, indent=2) + "\n")
+    text = markdown(results)
     (args.out / "results-cuda.md").write_text(text)
     print(text)
     return 0
+
+
+def run_models(device: torch.device, rounds: int, warmup: int, budget_s: float | None
+               ) -> list[dict[str, object]]:
+    """The CPU bench's real-model rows (:mod:`batchnorm.bench.training`) on the GPU."""
+    return training.run_all(list(training.MODELS), measure.Compiler(budget_s), rounds, warmup,
+                            MODEL_ROUND_S, measure.Limits(), device)

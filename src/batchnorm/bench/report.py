@@ -109,13 +109,14 @@ def _layers(report: dict) -> list[str]:
     return [*lines, ""]
 
 
-def _models(report: dict) -> list[str]:
+def models_markdown(models: list[dict], summary: list[dict]) -> list[str]:
+    """The models table (rows of :func:`batchnorm.bench.training.run`) and its summary."""
     lines = ["End-to-end training steps (forward, cross-entropy, backward, SGD momentum "
              "step; torch.nn model vs batchnorm.convert of a copy):", "",
              "| model | input | layout | mode | torch.nn ms | converted ms | speedup | "
              "spread | load | CPU wait | note |",
              "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
-    for row in report["models"]:
+    for row in models:
         lines.append(
             f"| {row['model']} | {_shape(row['input_shape'])} | {row['layout']} | "
             f"{row['mode']} | {ms(row['torch_ms'])} | {ms(row['ours_ms'])} | "
@@ -123,7 +124,7 @@ def _models(report: dict) -> list[str]:
             f"{_wait(row['cpu_wait'])} | {row['note']} |")
     lines += ["", "| mode | layout | geometric-mean speedup | rows | lowest | unsteady |",
               "|---|---|---:|---:|---:|---:|"]
-    for group in report["models_summary"]:
+    for group in summary:
         lines.append(f"| {group['mode']} | {group['layout']} | {group['geomean']:.2f}x | "
                      f"{group['rows']} | {group['lowest']:.2f}x | {group['unsteady']} |")
     return [*lines, ""]
@@ -173,5 +174,5 @@ def markdown(report: dict) -> str:
     if report["layers"]:
         lines += _layers(report)
     if report["models"]:
-        lines += _models(report)
+        lines += models_markdown(report["models"], report["models_summary"])
     return "\n".join(lines + _others(report)) + "\n"

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import batchnorm
-from batchnorm.bench import measure, models
+from batchnorm.bench import measure, models, report
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ TINY_MODELS: tuple[ModelCase, ...] = (
 
 
 def training_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> measure.Step:
-    """One SGD step (lr 1e-3, momentum 0.9) on a fixed batch."""
+    """One SGD step (lr 1e-3, momentum 0.9) on a fixed batch; on a GPU, until it is done."""
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
     def step() -> object:
@@ -64,27 +64,31 @@ def training_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> me
         loss = F.cross_entropy(model(x), target)
         loss.backward()
         optimizer.step()
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
         return loss
     return step
 
 
 def run(case: ModelCase, layout: str, compiler: measure.Compiler, rounds: int, warmup: int,
-        min_round_s: float, limits: measure.Limits) -> list[dict[str, object]]:
+        min_round_s: float, limits: measure.Limits, device: str | torch.device = "cpu"
+        ) -> list[dict[str, object]]:
     """The eager row and (compile enabled) the torch.compile row of one model and layout."""
     torch.manual_seed(0)
     reference = case.build()
     memory_format = torch.channels_last if layout == "channels_last" else \
         torch.contiguous_format
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(case.input_shape, generator=generator).contiguous(
+    x = torch.randn(case.input_shape, generator=generator).to(device).contiguous(
         memory_format=memory_format)
-    target = torch.randint(case.num_classes, (case.input_shape[0],), generator=generator)
+    target = torch.randint(case.num_classes, (case.input_shape[0],), generator=generator
+                           ).to(device)
 
     def variant(implementation: str) -> nn.Module:
         model = copy.deepcopy(reference)
         if implementation == "ours":
             model = batchnorm.convert(model)
-        return model.to(memory_format=memory_format).train()
+        return model.to(device, memory_format=memory_format).train()
 
     steps = {f"eager {name}": training_step(variant(name), x, target)
              for name in ("torch", "ours")}
@@ -120,3 +124,19 @@ def run(case: ModelCase, layout: str, compiler: measure.Compiler, rounds: int, w
              f"torch.nn {notes['compile torch']}; converted {notes[ours_name]}"}
             for mode, (torch_name, ours_name) in pairs.items()
             if compiler.enabled or mode == "eager"]
+
+
+def run_all(cases: list[ModelCase], compiler: measure.Compiler, rounds: int, warmup: int,
+            min_round_s: float, limits: measure.Limits, device: str | torch.device = "cpu"
+            ) -> list[dict[str, object]]:
+    """:func:`run` for every case in each of its layouts, printing each row as it comes."""
+    rows = []
+    for case in cases:
+        for layout in case.layouts:
+            for row in run(case, layout, compiler, rounds, warmup, min_round_s, limits,
+                           device):
+                rows.append(row)
+                print(f"{case.name} {layout} {row['mode']}: torch.nn "
+                      f"{report.ms(row['torch_ms'])} ms, converted "
+                      f"{report.ms(row['ours_ms'])} ms", flush=True)
+    return rows
