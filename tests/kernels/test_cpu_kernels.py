@@ -1,6 +1,7 @@
 """The C++ CPU kernels against :mod:`batchnorm.kernels.reference` and against float64 math
 written out here, on both loop regimes of the channels view (short Q: channels-last columns,
-long Q: contiguous segments) and on the rows view.
+long Q: contiguous segments), with and without the residual (the ``*_residual`` kernels),
+and on the rows view.
 
 Tolerances, relative to the largest magnitude of the quantity compared (at least 1), or for
 sums to the sum of the absolute terms: outputs in x's dtype 2e-5 (float32), 1e-12 (float64),
@@ -107,6 +108,19 @@ def tables(x: torch.Tensor, chunk: int, count: int = 3) -> list[torch.Tensor]:
     return [mean, scale] + [torch.randn_like(mean) for _ in range(count - 2)]
 
 
+def pre_activation64(x: torch.Tensor, residual: torch.Tensor | None, mean: torch.Tensor,
+                     scale: torch.Tensor, shift: torch.Tensor, chunk: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x - mean, z) in float64, z = (x - mean) * scale + shift [+ residual]."""
+    rows = x.shape[0]
+    centered = x.double() - per_row64(mean, rows, chunk)
+    z = centered * per_row64(scale, rows, chunk) + per_row64(shift, rows, chunk)
+    return centered, z if residual is None else z + residual.double()
+
+
+RESIDUAL = pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+
+
 # ---------------------------------------------------------------- channels view
 
 
@@ -126,70 +140,89 @@ def test_channel_stats_match_reference_and_float64(shape, chunk, dtype):
     close(var, ref_var, rtol)
 
 
+@RESIDUAL
 @pytest.mark.parametrize(("activation", "param"), ACTIVATIONS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("shape", "chunk"), CASES)
 def test_channel_normalize_matches_reference_and_float64(shape, chunk, dtype, activation,
-                                                         param):
+                                                         param, residual):
     x = sample(shape, dtype)
-    mean, scale, shift = tables(x, chunk)
-    y = cpu.channel_normalize(x, mean, scale, shift, chunk, activation, param)
-    rows = shape[0]
-    z64 = ((x.double() - per_row64(mean, rows, chunk)) * per_row64(scale, rows, chunk)
-           + per_row64(shift, rows, chunk))
+    r = sample(shape, dtype, offset=-0.5) if residual else None
+    tables_ = tables(x, chunk)
+    options = (chunk, activation, param)
+    if residual:
+        y = cpu.channel_normalize_residual(x, r, *tables_, *options)
+        expected = reference.channel_normalize_residual(x, r, *tables_, *options)
+    else:
+        y = cpu.channel_normalize(x, *tables_, *options)
+        expected = reference.channel_normalize(x, *tables_, *options)
+    _, z64 = pre_activation64(x, r, *tables_, chunk)
     assert y.dtype == dtype and y.shape == x.shape
     close(y, act64(z64, activation, param), OUTPUT_RTOL[dtype])
-    close(y, reference.channel_normalize(x, mean, scale, shift, chunk, activation, param),
-          OUTPUT_RTOL[dtype])
+    close(y, expected, OUTPUT_RTOL[dtype])
 
 
+@RESIDUAL
 @pytest.mark.parametrize(("activation", "param"), ACTIVATIONS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("shape", "chunk"), CASES)
 def test_channel_backward_reduce_matches_reference_and_float64(shape, chunk, dtype,
-                                                               activation, param):
+                                                               activation, param, residual):
     x = sample(shape, dtype)
     dy = sample(shape, dtype, offset=0.0)
-    mean, scale, shift = tables(x, chunk)
-    sum_g, sum_g_xc = cpu.channel_backward_reduce(dy, x, mean, scale, shift, chunk,
-                                                  activation, param)
-    rows = shape[0]
-    centered = x.double() - per_row64(mean, rows, chunk)
-    g = gated64(dy, centered * per_row64(scale, rows, chunk) + per_row64(shift, rows, chunk),
-                activation, param)
+    r = sample(shape, dtype, offset=-0.5) if residual else None
+    tables_ = tables(x, chunk)
+    options = (chunk, activation, param)
+    if residual:
+        sum_g, sum_g_xc = cpu.channel_backward_reduce_residual(dy, x, r, *tables_, *options)
+        ref_g, ref_g_xc = reference.channel_backward_reduce_residual(dy, x, r, *tables_,
+                                                                     *options)
+    else:
+        sum_g, sum_g_xc = cpu.channel_backward_reduce(dy, x, *tables_, *options)
+        ref_g, ref_g_xc = reference.channel_backward_reduce(dy, x, *tables_, *options)
+    centered, z64 = pre_activation64(x, r, *tables_, chunk)
+    g = gated64(dy, z64, activation, param)
     rtol = stat_rtol(dtype)
     close(sum_g, chunk_sums64(g, chunk), rtol, chunk_sums64(g.abs(), chunk))
     close(sum_g_xc, chunk_sums64(g * centered, chunk), rtol,
           chunk_sums64((g * centered).abs(), chunk))
-    ref_g, ref_g_xc = reference.channel_backward_reduce(dy, x, mean, scale, shift, chunk,
-                                                        activation, param)
     assert sum_g.dtype == ref_g.dtype and sum_g.shape == ref_g.shape
     close(sum_g, ref_g, rtol, chunk_sums64(g.abs(), chunk))
     close(sum_g_xc, ref_g_xc, rtol, chunk_sums64((g * centered).abs(), chunk))
 
 
+@RESIDUAL
 @pytest.mark.parametrize(("activation", "param"), ACTIVATIONS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("shape", "chunk"), CASES)
 def test_channel_backward_input_matches_reference_and_float64(shape, chunk, dtype,
-                                                              activation, param):
+                                                              activation, param, residual):
     x = sample(shape, dtype)
     dy = sample(shape, dtype, offset=0.0)
-    mean, scale, shift, k1, k0, k2 = tables(x, chunk, count=6)
-    dx = cpu.channel_backward_input(dy, x, mean, scale, shift, k1, k0, k2, chunk, activation,
-                                    param)
+    r = sample(shape, dtype, offset=-0.5) if residual else None
+    tables_ = tables(x, chunk, count=6)
+    options = (chunk, activation, param)
+    if residual:
+        dx, dr = cpu.channel_backward_input_residual(dy, x, r, *tables_, *options)
+        expected, expected_dr = reference.channel_backward_input_residual(dy, x, r, *tables_,
+                                                                          *options)
+    else:
+        dx = cpu.channel_backward_input(dy, x, *tables_, *options)
+        expected = reference.channel_backward_input(dy, x, *tables_, *options)
     rows = shape[0]
-    centered = x.double() - per_row64(mean, rows, chunk)
-    g = gated64(dy, centered * per_row64(scale, rows, chunk) + per_row64(shift, rows, chunk),
-                activation, param)
+    centered, z64 = pre_activation64(x, r, *tables_[:3], chunk)
+    g = gated64(dy, z64, activation, param)
+    k1, k0, k2 = tables_[3:]
     terms = (g * per_row64(k1, rows, chunk), per_row64(k0, rows, chunk).expand_as(g),
              centered * per_row64(k2, rows, chunk))
     size = sum(term.abs() for term in terms)
     assert dx.dtype == dtype and dx.shape == x.shape
     close(dx, sum(terms), OUTPUT_RTOL[dtype], size)
-    close(dx, reference.channel_backward_input(dy, x, mean, scale, shift, k1, k0, k2, chunk,
-                                               activation, param),
-          OUTPUT_RTOL[dtype], size)
+    close(dx, expected, OUTPUT_RTOL[dtype], size)
+    if residual:
+        assert dr.dtype == dtype and dr.shape == x.shape
+        close(dr, g, OUTPUT_RTOL[dtype])
+        close(dr, expected_dr, OUTPUT_RTOL[dtype])
 
 
 def test_long_groups_summed_in_row_blocks_match_float64():
@@ -332,6 +365,12 @@ def test_bad_arguments_name_the_argument():
         cpu.channel_stats(x.int(), 2)
     with pytest.raises(RuntimeError, match=r"weight must have shape \(5,\)"):
         cpu.rows_forward(x[0], torch.ones(4), None, 1e-5)
+    with pytest.raises(RuntimeError, match=r"residual must match x \(Float \[4, 3, 5\]\), got "
+                       r"Double \[4, 3, 5\]"):
+        cpu.channel_normalize_residual(x, x.double(), mean, scale, shift, 2, "relu", 0.0)
+    with pytest.raises(RuntimeError, match=r"dy must match x \(Float \[4, 3, 5\]\), got "
+                       r"Float \[4, 3, 4\]"):
+        cpu.channel_backward_reduce(x[..., :4], x, mean, scale, shift, 2, "relu", 0.0)
 
 
 # ---------------------------------------------------------------- rows view

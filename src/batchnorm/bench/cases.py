@@ -48,12 +48,16 @@ class Case:
     threads: int | None = None
     baseline: str = "torch eager"
     compiled: Factory | None = None  # what torch.compile gets; None: ``theirs``
+    residual: bool = False  # the layer adds a shortcut of x's shape
 
     @property
     def passes(self) -> int:
         """Tensor-sized passes of the least traffic: training reads x and writes y forward,
-        reads dy and x and writes dx backward (5); an eval forward reads x, writes y (2)."""
-        return 5 if self.mode == "train" else 2
+        reads dy and x and writes dx backward (5; a shortcut adds its read forward and its
+        gradient's write backward: 7); an eval forward reads x, writes y (2)."""
+        if self.mode != "train":
+            return 2
+        return 7 if self.residual else 5
 
     @property
     def label(self) -> str:
@@ -139,6 +143,34 @@ def _fused_relu(shape: tuple[int, ...]) -> Case:
                 compiled=lambda: nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU()))
 
 
+class _ResidualTail(nn.Module):
+    """``relu(bn(x) + shortcut)``, a ResNet block's tail, fused (ours: ``bn(x, shortcut)``)
+    or as torch's three ops; the shortcut is a parameter, so its gradient is computed."""
+
+    def __init__(self, bn: nn.Module, shape: tuple[int, ...], fused: bool,
+                 memory_format: torch.memory_format):
+        super().__init__()
+        self.bn, self.fused = bn, fused
+        self.shortcut = nn.Parameter(torch.zeros(shape).contiguous(memory_format=memory_format))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return self.bn(x, self.shortcut)
+        return torch.relu(self.bn(x) + self.shortcut)
+
+
+def _fused_residual(shape: tuple[int, ...], channels_last: bool = False) -> Case:
+    """Ours fused against torch.nn's BatchNorm2d, add and ReLU."""
+    channels = shape[1]
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    return Case("fused BN+ReLU", "BN2d+add+ReLU fused" + " channels_last" * channels_last,
+                shape,
+                lambda: _ResidualTail(batchnorm.BatchNorm2d(channels, activation="relu"), shape,
+                                      True, memory_format),
+                lambda: _ResidualTail(nn.BatchNorm2d(channels), shape, False, memory_format),
+                channels_last=channels_last, residual=True)
+
+
 SUITE: tuple[Case, ...] = (
     _bn_train("BN2d", (64, 256, 28, 28)),
     _bn_train("BN2d", (32, 64, 56, 56)),
@@ -163,6 +195,8 @@ SUITE: tuple[Case, ...] = (
     _bn_eval("BN1d eval forward", (256, 1024)),
     _layer_norm((8192, 768), mode="eval"),
     _fused_relu((64, 256, 28, 28)),
+    _fused_residual((32, 64, 56, 56)),
+    _fused_residual((32, 64, 56, 56), channels_last=True),
 )
 
 # Tiny shapes with the same structure, for the smoke test (--quick --tiny).
@@ -178,4 +212,5 @@ TINY: tuple[Case, ...] = (
     _bn_eval("BN2d eval forward", (4, 8, 6, 6)),
     _layer_norm((16, 32), mode="eval"),
     _fused_relu((4, 8, 6, 6)),
+    _fused_residual((4, 8, 6, 6), channels_last=True),
 )

@@ -1,6 +1,8 @@
 // Elementwise maps of a channels view x (P, C, Q) with per-(chunk, channel) tables:
 //   channel_normalize:      y  = act(z),  z = (x - mean) * scale + shift
 //   channel_backward_input: dx = g * k1 + k0 + (x - mean) * k2,  g = dy * act'(z)
+// and their *_residual forms (the ResNet block tail), where z also adds the shortcut r (x's
+// view) and the backward also writes d r = g.
 // Long segments (Q >= ChannelShape::kSegmentMinLength) run one (row, channel) segment per
 // item with scalar table entries, vectorized along Q; short ones one row of C * Q values
 // per item with the tables spread over the columns, vectorized along the row.
@@ -56,134 +58,139 @@ std::array<const acc_t*, N> map_tables(const std::array<at::Tensor, N>& tables,
   return data;
 }
 
-// y = act((x - mean) * scale + shift)
-template <typename T, Activation A>
+// y = act((x - mean) * scale + shift [+ r])
+template <typename T, Activation A, bool Residual>
 struct Normalize {
   using L = Lanes<T>;
   using acc_t = typename L::acc_t;
   using Vec = typename L::Vec;
   const T* x;
+  const T* r;  // with Residual
   T* y;
   const acc_t* mean;
   const acc_t* scale;
   const acc_t* shift;
   acc_t param;
 
+  void store(int64_t offset, int64_t count, Vec z, const Vec& p) const {
+    if constexpr (Residual) z = z + L::load(r + offset, count);
+    L::store(y + offset, activation_forward<A>(z, p), count);
+  }
+
   void segment(int64_t offset, int64_t n, int64_t item) const {
     const T* xs = x + offset;
-    T* ys = y + offset;
     const Vec m(mean[item]), a(scale[item]), b(shift[item]), p(param);
     over_run<L::width>(n, [=](int64_t i, int64_t count) {
-      L::store(ys + i, activation_forward<A>((L::load(xs + i, count) - m) * a + b, p), count);
+      store(offset + i, count, (L::load(xs + i, count) - m) * a + b, p);
     });
   }
 
   void columns(int64_t offset, int64_t n, int64_t table) const {
     const T* xs = x + offset;
-    T* ys = y + offset;
     const acc_t* ms = mean + table;
     const acc_t* as = scale + table;
     const acc_t* bs = shift + table;
     const Vec p(param);
     over_run<L::width>(n, [=](int64_t i, int64_t count) {
-      const Vec z = (L::load(xs + i, count) - Vec::loadu(ms + i, count)) *
-                        Vec::loadu(as + i, count) + Vec::loadu(bs + i, count);
-      L::store(ys + i, activation_forward<A>(z, p), count);
+      store(offset + i, count,
+            (L::load(xs + i, count) - Vec::loadu(ms + i, count)) * Vec::loadu(as + i, count) +
+                Vec::loadu(bs + i, count),
+            p);
     });
   }
 };
 
-// dx = g * k1 + k0 + (x - mean) * k2,  g = dy * act'((x - mean) * scale + shift)
-template <typename T, Activation A>
+// dx = g * k1 + k0 + (x - mean) * k2,  g = dy * act'((x - mean) * scale + shift [+ r]),
+// and with Residual dr = g
+template <typename T, Activation A, bool Residual>
 struct BackwardInput {
   using L = Lanes<T>;
   using acc_t = typename L::acc_t;
   using Vec = typename L::Vec;
   const T* dy;
   const T* x;
+  const T* r;  // with Residual
   T* dx;
+  T* dr;  // with Residual
   std::array<const acc_t*, 6> t;  // mean, scale, shift, k1, k0, k2
   acc_t param;
 
-  static Vec value(const Vec& dy, const Vec& x, const Vec& m, const Vec& a, const Vec& b,
-                   const Vec& k1, const Vec& k0, const Vec& k2, const Vec& p) {
-    const Vec xc = x - m;
-    return activation_backward<A>(dy, xc * a + b, p) * k1 + k0 + xc * k2;
+  void store(int64_t offset, int64_t count, const Vec& m, const Vec& a, const Vec& b,
+             const Vec& k1, const Vec& k0, const Vec& k2, const Vec& p) const {
+    const Vec xc = L::load(x + offset, count) - m;
+    Vec z = xc * a + b;
+    if constexpr (Residual) z = z + L::load(r + offset, count);
+    const Vec g = activation_backward<A>(L::load(dy + offset, count), z, p);
+    L::store(dx + offset, g * k1 + k0 + xc * k2, count);
+    if constexpr (Residual) L::store(dr + offset, g, count);
   }
 
   void segment(int64_t offset, int64_t n, int64_t item) const {
-    const T* dys = dy + offset;
-    const T* xs = x + offset;
-    T* dxs = dx + offset;
     const Vec m(t[0][item]), a(t[1][item]), b(t[2][item]);
     const Vec k1(t[3][item]), k0(t[4][item]), k2(t[5][item]), p(param);
     over_run<L::width>(n, [=](int64_t i, int64_t count) {
-      L::store(dxs + i,
-               value(L::load(dys + i, count), L::load(xs + i, count), m, a, b, k1, k0, k2, p),
-               count);
+      store(offset + i, count, m, a, b, k1, k0, k2, p);
     });
   }
 
   void columns(int64_t offset, int64_t n, int64_t table) const {
-    const T* dys = dy + offset;
-    const T* xs = x + offset;
-    T* dxs = dx + offset;
     const acc_t *m = t[0] + table, *a = t[1] + table, *b = t[2] + table;
     const acc_t *k1 = t[3] + table, *k0 = t[4] + table, *k2 = t[5] + table;
     const Vec p(param);
     over_run<L::width>(n, [=](int64_t i, int64_t count) {
-      L::store(dxs + i,
-               value(L::load(dys + i, count), L::load(xs + i, count), Vec::loadu(m + i, count),
-                     Vec::loadu(a + i, count), Vec::loadu(b + i, count),
-                     Vec::loadu(k1 + i, count), Vec::loadu(k0 + i, count),
-                     Vec::loadu(k2 + i, count), p),
-               count);
+      store(offset + i, count, Vec::loadu(m + i, count), Vec::loadu(a + i, count),
+            Vec::loadu(b + i, count), Vec::loadu(k1 + i, count), Vec::loadu(k0 + i, count),
+            Vec::loadu(k2 + i, count), p);
     });
   }
 };
 
-}  // namespace
-
-at::Tensor channel_normalize(const at::Tensor& x_in, const at::Tensor& mean_in,
-                             const at::Tensor& scale_in, const at::Tensor& shift_in,
-                             int64_t chunk, c10::string_view activation, double param) {
-  constexpr const char* op = "channel_normalize";
+at::Tensor normalize(const at::Tensor& x_in, const at::Tensor* residual_in,
+                     const at::Tensor& mean_in, const at::Tensor& scale_in,
+                     const at::Tensor& shift_in, int64_t chunk, c10::string_view activation,
+                     double param, const char* op) {
   const ChannelShape s = channel_shape(x_in, chunk, op);
   const Activation act = parse_activation(activation, op);
   const auto acc = accumulation_type(x_in.scalar_type());
   const at::Tensor x = x_in.contiguous();
+  const at::Tensor residual = residual_in ? like_x(*residual_in, x, op, "residual") : at::Tensor();
   const at::Tensor mean = table_arg(mean_in, s.chunks, s.channels, acc, op, "mean");
   const at::Tensor scale = table_arg(scale_in, s.chunks, s.channels, acc, op, "scale");
   const at::Tensor shift = table_arg(shift_in, s.chunks, s.channels, acc, op, "shift");
   at::Tensor y = at::empty_like(x);
   if (x.numel() == 0) return y;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_normalize",
+                                  [&] {
     using acc_t = at::opmath_type<scalar_t>;
     std::array<std::vector<acc_t>, 3> storage;
     const auto t = map_tables<acc_t, 3>({mean, scale, shift}, s, storage);
+    const scalar_t* r = residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr;
     dispatch_activation(act, [&](auto tag) {
-      for_each_run(s, Normalize<scalar_t, decltype(tag)::value>{
-                          x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), t[0],
-                          t[1], t[2], static_cast<acc_t>(param)});
+      constexpr Activation A = decltype(tag)::value;
+      const scalar_t* xs = x.const_data_ptr<scalar_t>();
+      scalar_t* ys = y.mutable_data_ptr<scalar_t>();
+      const acc_t p = static_cast<acc_t>(param);
+      if (r) {
+        for_each_run(s, Normalize<scalar_t, A, true>{xs, r, ys, t[0], t[1], t[2], p});
+      } else {
+        for_each_run(s, Normalize<scalar_t, A, false>{xs, r, ys, t[0], t[1], t[2], p});
+      }
     });
   });
   return y;
 }
 
-at::Tensor channel_backward_input(const at::Tensor& dy_in, const at::Tensor& x_in,
-                                  const at::Tensor& mean, const at::Tensor& scale,
-                                  const at::Tensor& shift, const at::Tensor& k1,
-                                  const at::Tensor& k0, const at::Tensor& k2, int64_t chunk,
-                                  c10::string_view activation, double param) {
-  constexpr const char* op = "channel_backward_input";
+std::tuple<at::Tensor, at::Tensor> backward_input(
+    const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor* residual_in,
+    const at::Tensor& mean, const at::Tensor& scale, const at::Tensor& shift,
+    const at::Tensor& k1, const at::Tensor& k0, const at::Tensor& k2, int64_t chunk,
+    c10::string_view activation, double param, const char* op) {
   const ChannelShape s = channel_shape(x_in, chunk, op);
-  TORCH_CHECK(dy_in.sizes() == x_in.sizes() && dy_in.scalar_type() == x_in.scalar_type(), op,
-              ": dy must match x (", x_in.scalar_type(), " ", x_in.sizes(), "), got ",
-              dy_in.scalar_type(), " ", dy_in.sizes());
   const Activation act = parse_activation(activation, op);
   const auto acc = accumulation_type(x_in.scalar_type());
   const at::Tensor x = x_in.contiguous();
-  const at::Tensor dy = dy_in.contiguous();
+  const at::Tensor dy = like_x(dy_in, x, op, "dy");
+  const at::Tensor residual = residual_in ? like_x(*residual_in, x, op, "residual") : at::Tensor();
   const std::array<at::Tensor, 6> tables = {
       table_arg(mean, s.chunks, s.channels, acc, op, "mean"),
       table_arg(scale, s.chunks, s.channels, acc, op, "scale"),
@@ -192,18 +199,65 @@ at::Tensor channel_backward_input(const at::Tensor& dy_in, const at::Tensor& x_i
       table_arg(k0, s.chunks, s.channels, acc, op, "k0"),
       table_arg(k2, s.chunks, s.channels, acc, op, "k2")};
   at::Tensor dx = at::empty_like(x);
-  if (x.numel() == 0) return dx;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
+  at::Tensor dr = residual.defined() ? at::empty_like(x) : at::Tensor();
+  if (x.numel() == 0) return {dx, dr};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "channel_backward_input", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     std::array<std::vector<acc_t>, 6> storage;
     const auto data = map_tables<acc_t, 6>(tables, s, storage);
+    const scalar_t* dys = dy.const_data_ptr<scalar_t>();
+    const scalar_t* xs = x.const_data_ptr<scalar_t>();
+    scalar_t* dxs = dx.mutable_data_ptr<scalar_t>();
+    const acc_t p = static_cast<acc_t>(param);
     dispatch_activation(act, [&](auto tag) {
-      for_each_run(s, BackwardInput<scalar_t, decltype(tag)::value>{
-                          dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                          dx.mutable_data_ptr<scalar_t>(), data, static_cast<acc_t>(param)});
+      constexpr Activation A = decltype(tag)::value;
+      if (residual.defined()) {
+        for_each_run(s, BackwardInput<scalar_t, A, true>{
+                            dys, xs, residual.const_data_ptr<scalar_t>(), dxs,
+                            dr.mutable_data_ptr<scalar_t>(), data, p});
+      } else {
+        for_each_run(s, BackwardInput<scalar_t, A, false>{dys, xs, nullptr, dxs, nullptr,
+                                                           data, p});
+      }
     });
   });
-  return dx;
+  return {dx, dr};
+}
+
+}  // namespace
+
+at::Tensor channel_normalize(const at::Tensor& x, const at::Tensor& mean,
+                             const at::Tensor& scale, const at::Tensor& shift, int64_t chunk,
+                             c10::string_view activation, double param) {
+  return normalize(x, nullptr, mean, scale, shift, chunk, activation, param,
+                   "channel_normalize");
+}
+
+at::Tensor channel_normalize_residual(const at::Tensor& x, const at::Tensor& residual,
+                                      const at::Tensor& mean, const at::Tensor& scale,
+                                      const at::Tensor& shift, int64_t chunk,
+                                      c10::string_view activation, double param) {
+  return normalize(x, &residual, mean, scale, shift, chunk, activation, param,
+                   "channel_normalize_residual");
+}
+
+at::Tensor channel_backward_input(const at::Tensor& dy, const at::Tensor& x,
+                                  const at::Tensor& mean, const at::Tensor& scale,
+                                  const at::Tensor& shift, const at::Tensor& k1,
+                                  const at::Tensor& k0, const at::Tensor& k2, int64_t chunk,
+                                  c10::string_view activation, double param) {
+  return std::get<0>(backward_input(dy, x, nullptr, mean, scale, shift, k1, k0, k2, chunk,
+                                    activation, param, "channel_backward_input"));
+}
+
+std::tuple<at::Tensor, at::Tensor> channel_backward_input_residual(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& residual,
+    const at::Tensor& mean, const at::Tensor& scale, const at::Tensor& shift,
+    const at::Tensor& k1, const at::Tensor& k0, const at::Tensor& k2, int64_t chunk,
+    c10::string_view activation, double param) {
+  return backward_input(dy, x, &residual, mean, scale, shift, k1, k0, k2, chunk, activation,
+                        param, "channel_backward_input_residual");
 }
 
 }  // namespace batchnorm_cpu

@@ -1,6 +1,6 @@
 // Reductions of a channels view x (P, C, Q) per (chunk, channel):
 //   channel_stats:           mean, biased var                        (pivot-shifted sums)
-//   channel_backward_reduce: sum(g), sum(g * (x - mean)),  g = dy * act'(z),
+//   channel_backward_reduce: sum(g), sum(g * (x - mean)),  g = dy * act'(z [+ r]),
 //                            z = (x - mean) * scale + shift
 // Two loop regimes: long segments (Q >= ChannelShape::kSegmentMinLength) are summed one
 // (chunk, channel) item per task, vectorized along Q (a group's rows split into blocks when
@@ -246,16 +246,18 @@ void stats_kernel(const at::Tensor& x, const ChannelShape& s, at::Tensor& mean,
       });
 }
 
-template <typename T, Activation A>
-void backward_reduce_kernel(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
-                            const at::Tensor& scale, const at::Tensor& shift,
-                            const ChannelShape& s, double param, at::Tensor& sum_g,
-                            at::Tensor& sum_g_xc) {
+// With Residual, z adds the shortcut r (the ResNet block tail).
+template <typename T, Activation A, bool Residual>
+void backward_reduce_kernel(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& r,
+                            const at::Tensor& mean, const at::Tensor& scale,
+                            const at::Tensor& shift, const ChannelShape& s, double param,
+                            at::Tensor& sum_g, at::Tensor& sum_g_xc) {
   using L = Lanes<T>;
   using acc_t = typename L::acc_t;
   using Vec = typename L::Vec;
   const T* dy_data = dy.const_data_ptr<T>();
   const T* x_data = x.const_data_ptr<T>();
+  const T* r_data = Residual ? r.const_data_ptr<T>() : nullptr;
   acc_t* sum_g_data = sum_g.mutable_data_ptr<acc_t>();
   acc_t* sum_g_xc_data = sum_g_xc.mutable_data_ptr<acc_t>();
   const Vec param_vec(static_cast<acc_t>(param));
@@ -273,7 +275,8 @@ void backward_reduce_kernel(const at::Tensor& dy, const at::Tensor& x, const at:
         [=](int64_t group, int64_t row, int64_t j, int64_t count) {
           const int64_t t = group * W + j;
           const Vec xc = L::load(x_data + row * W + j, count) - Vec::loadu(mean_data + t, count);
-          const Vec z = xc * Vec::loadu(scale_data + t, count) + Vec::loadu(shift_data + t, count);
+          Vec z = xc * Vec::loadu(scale_data + t, count) + Vec::loadu(shift_data + t, count);
+          if constexpr (Residual) z = z + L::load(r_data + row * W + j, count);
           const Vec g =
               activation_backward<A>(L::load(dy_data + row * W + j, count), z, param_vec);
           return std::pair<Vec, Vec>(g, g * xc);
@@ -304,8 +307,9 @@ void backward_reduce_kernel(const at::Tensor& dy, const at::Tensor& x, const at:
         const int64_t offset = (row * C + channel) * Q;
         sums.add(Q, [&](int64_t i, int64_t count) {
           Vec xc = L::load(x_data + offset + i, count) - m;
-          Vec g = activation_backward<A>(L::load(dy_data + offset + i, count), xc * a + b,
-                                         param_vec);
+          Vec z = xc * a + b;
+          if constexpr (Residual) z = z + L::load(r_data + offset + i, count);
+          Vec g = activation_backward<A>(L::load(dy_data + offset + i, count), z, param_vec);
           if (count != L::width) {
             xc = Vec::set(Vec(0), xc, count);
             g = Vec::set(Vec(0), g, count);
@@ -317,6 +321,39 @@ void backward_reduce_kernel(const at::Tensor& dy, const at::Tensor& x, const at:
         sum_g_data[item] = static_cast<acc_t>(first);
         sum_g_xc_data[item] = static_cast<acc_t>(second);
       });
+}
+
+std::tuple<at::Tensor, at::Tensor> backward_reduce(
+    const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor* residual_in,
+    const at::Tensor& mean_in, const at::Tensor& scale_in, const at::Tensor& shift_in,
+    int64_t chunk, c10::string_view activation, double param, const char* op) {
+  const ChannelShape s = channel_shape(x_in, chunk, op);
+  const Activation act = parse_activation(activation, op);
+  const auto acc = accumulation_type(x_in.scalar_type());
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor dy = like_x(dy_in, x, op, "dy");
+  const at::Tensor r = residual_in ? like_x(*residual_in, x, op, "residual") : at::Tensor();
+  const at::Tensor mean = table_arg(mean_in, s.chunks, s.channels, acc, op, "mean");
+  const at::Tensor scale = table_arg(scale_in, s.chunks, s.channels, acc, op, "scale");
+  const at::Tensor shift = table_arg(shift_in, s.chunks, s.channels, acc, op, "shift");
+  const auto options = x.options().dtype(acc);
+  at::Tensor sum_g = at::empty({s.chunks, s.channels}, options);
+  at::Tensor sum_g_xc = at::empty({s.chunks, s.channels}, options);
+  if (s.chunks == 0) return {sum_g, sum_g_xc};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "channel_backward_reduce", [&] {
+    dispatch_activation(act, [&](auto tag) {
+      constexpr Activation A = decltype(tag)::value;
+      if (r.defined()) {
+        backward_reduce_kernel<scalar_t, A, true>(dy, x, r, mean, scale, shift, s, param,
+                                                  sum_g, sum_g_xc);
+      } else {
+        backward_reduce_kernel<scalar_t, A, false>(dy, x, r, mean, scale, shift, s, param,
+                                                   sum_g, sum_g_xc);
+      }
+    });
+  });
+  return {sum_g, sum_g_xc};
 }
 
 }  // namespace
@@ -335,32 +372,18 @@ std::tuple<at::Tensor, at::Tensor> channel_stats(const at::Tensor& x_in, int64_t
 }
 
 std::tuple<at::Tensor, at::Tensor> channel_backward_reduce(
-    const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor& mean_in,
-    const at::Tensor& scale_in, const at::Tensor& shift_in, int64_t chunk,
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& scale,
+    const at::Tensor& shift, int64_t chunk, c10::string_view activation, double param) {
+  return backward_reduce(dy, x, nullptr, mean, scale, shift, chunk, activation, param,
+                         "channel_backward_reduce");
+}
+
+std::tuple<at::Tensor, at::Tensor> channel_backward_reduce_residual(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& residual,
+    const at::Tensor& mean, const at::Tensor& scale, const at::Tensor& shift, int64_t chunk,
     c10::string_view activation, double param) {
-  constexpr const char* op = "channel_backward_reduce";
-  const ChannelShape s = channel_shape(x_in, chunk, op);
-  TORCH_CHECK(dy_in.sizes() == x_in.sizes() && dy_in.scalar_type() == x_in.scalar_type(), op,
-              ": dy must match x (", x_in.scalar_type(), " ", x_in.sizes(), "), got ",
-              dy_in.scalar_type(), " ", dy_in.sizes());
-  const Activation act = parse_activation(activation, op);
-  const auto acc = accumulation_type(x_in.scalar_type());
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor dy = dy_in.contiguous();
-  const at::Tensor mean = table_arg(mean_in, s.chunks, s.channels, acc, op, "mean");
-  const at::Tensor scale = table_arg(scale_in, s.chunks, s.channels, acc, op, "scale");
-  const at::Tensor shift = table_arg(shift_in, s.chunks, s.channels, acc, op, "shift");
-  const auto options = x.options().dtype(acc);
-  at::Tensor sum_g = at::empty({s.chunks, s.channels}, options);
-  at::Tensor sum_g_xc = at::empty({s.chunks, s.channels}, options);
-  if (s.chunks == 0) return {sum_g, sum_g_xc};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
-    dispatch_activation(act, [&](auto tag) {
-      backward_reduce_kernel<scalar_t, decltype(tag)::value>(dy, x, mean, scale, shift, s,
-                                                             param, sum_g, sum_g_xc);
-    });
-  });
-  return {sum_g, sum_g_xc};
+  return backward_reduce(dy, x, &residual, mean, scale, shift, chunk, activation, param,
+                         "channel_backward_reduce_residual");
 }
 
 }  // namespace batchnorm_cpu

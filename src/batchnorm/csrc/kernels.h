@@ -322,6 +322,16 @@ inline at::Tensor table_arg(const at::Tensor& table, int64_t chunks, int64_t cha
   return table.to(acc).contiguous();
 }
 
+// A tensor read element by element beside x (dy, the shortcut): x's shape and dtype, contiguous.
+inline at::Tensor like_x(const at::Tensor& t, const at::Tensor& x, const char* op,
+                         const char* name) {
+  TORCH_CHECK(t.sizes() == x.sizes() && t.scalar_type() == x.scalar_type(), op, ": ", name,
+              " must match x (", x.scalar_type(), " ", x.sizes(), "), got ", t.scalar_type(),
+              " ", t.sizes());
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be on the CPU, got ", t.device());
+  return t.contiguous();
+}
+
 inline ChannelShape channel_shape(const at::Tensor& x, int64_t chunk, const char* op) {
   check_float_input(x, op, "x");
   TORCH_CHECK(x.dim() == 3, op, ": x must be a (P, C, Q) view, got shape ", x.sizes());

@@ -26,6 +26,22 @@ at::Tensor channel_backward_input(const at::Tensor& dy, const at::Tensor& x,
                                   const at::Tensor& k0, const at::Tensor& k2, int64_t chunk,
                                   c10::string_view activation, double param);
 
+at::Tensor channel_normalize_residual(const at::Tensor& x, const at::Tensor& residual,
+                                      const at::Tensor& mean, const at::Tensor& scale,
+                                      const at::Tensor& shift, int64_t chunk,
+                                      c10::string_view activation, double param);
+
+std::tuple<at::Tensor, at::Tensor> channel_backward_reduce_residual(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& residual,
+    const at::Tensor& mean, const at::Tensor& scale, const at::Tensor& shift, int64_t chunk,
+    c10::string_view activation, double param);
+
+std::tuple<at::Tensor, at::Tensor> channel_backward_input_residual(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& residual,
+    const at::Tensor& mean, const at::Tensor& scale, const at::Tensor& shift,
+    const at::Tensor& k1, const at::Tensor& k0, const at::Tensor& k2, int64_t chunk,
+    c10::string_view activation, double param);
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rows_forward(
     const at::Tensor& x, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps);

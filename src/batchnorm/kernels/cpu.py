@@ -13,14 +13,11 @@ import torch
 from torch import Tensor
 
 from batchnorm.kernels import extension
-from batchnorm.kernels.reference import (  # noqa: F401  (no C++ kernel: the reference's)
-    channel_backward_input_residual,
-    channel_backward_reduce_residual,
-    channel_normalize_residual,
-)
 
 _NAMES = ("channel_stats", "channel_normalize", "channel_backward_reduce",
-          "channel_backward_input", "rows_forward", "rows_backward")
+          "channel_backward_input", "channel_normalize_residual",
+          "channel_backward_reduce_residual", "channel_backward_input_residual",
+          "rows_forward", "rows_backward")
 _ops: SimpleNamespace | None = None
 
 
@@ -55,6 +52,28 @@ def channel_backward_input(dy: Tensor, x: Tensor, mean: Tensor, scale: Tensor, s
                            param: float) -> Tensor:
     return _kernels().channel_backward_input(dy, x, mean, scale, shift, k1, k0, k2, chunk,
                                              activation, param)
+
+
+def channel_normalize_residual(x: Tensor, residual: Tensor, mean: Tensor, scale: Tensor,
+                               shift: Tensor, chunk: int, activation: str, param: float
+                               ) -> Tensor:
+    return _kernels().channel_normalize_residual(x, residual, mean, scale, shift, chunk,
+                                                 activation, param)
+
+
+def channel_backward_reduce_residual(dy: Tensor, x: Tensor, residual: Tensor, mean: Tensor,
+                                     scale: Tensor, shift: Tensor, chunk: int, activation: str,
+                                     param: float) -> tuple[Tensor, Tensor]:
+    return _kernels().channel_backward_reduce_residual(dy, x, residual, mean, scale, shift,
+                                                       chunk, activation, param)
+
+
+def channel_backward_input_residual(dy: Tensor, x: Tensor, residual: Tensor, mean: Tensor,
+                                    scale: Tensor, shift: Tensor, k1: Tensor, k0: Tensor,
+                                    k2: Tensor, chunk: int, activation: str, param: float
+                                    ) -> tuple[Tensor, Tensor]:
+    return _kernels().channel_backward_input_residual(dy, x, residual, mean, scale, shift, k1,
+                                                      k0, k2, chunk, activation, param)
 
 
 def rows_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
