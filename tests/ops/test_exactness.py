@@ -106,13 +106,14 @@ def _check_against_float64(case, offset: float) -> None:
 
 
 
-# The cases the ATen route takes (InstanceNorm and channels-last GroupNorm keep the kernel
+# The cases the ATen route takes (channels-last InstanceNorm and GroupNorm keep the kernel
 # primitives). torch's CPU channels-last BatchNorm kernel sums x and x^2 in one pass and
 # misses the offset-1e4 bar, so that case runs centred only; ATen's CUDA kernel, the one
 # this route is for, uses Welford.
 NATIVE_CASES = [pytest.param(CASES[name], offset, id=f"{name}-{label}")
                 for name in ("batch_norm NCHW", "batch_norm channels_last", "batch_norm (N, C)",
-                             "batch_norm (N, C, L)", "group_norm", "layer_norm")
+                             "batch_norm (N, C, L)", "instance_norm", "group_norm",
+                             "layer_norm")
                 for offset, label in ((0.0, "centred"), (1e4, "offset-1e4"))
                 if not (name == "batch_norm channels_last" and offset)]
 

@@ -99,18 +99,22 @@ def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
 
 # Composite implementations: the core over the primitives picked for the input.
 
-def _plain_native(input, axis, chunk, activation, renorm, *tensors):
-    """Plain BatchNorm that torch's kernels run here."""
-    return (axis == 1 and chunk == 0 and activation == "identity" and not renorm
-            and kernels.native(input) and native.handles(input, *tensors))
+def _plain_native(input, training, axis, chunk, activation, renorm, *tensors):
+    """Plain BatchNorm, or InstanceNorm (chunks of one sample), that torch's kernels run
+    here."""
+    instances = training and chunk == 1 and input.dim() > 2
+    return (axis == 1 and (chunk == 0 or instances or not training)
+            and activation == "identity" and not renorm and kernels.native(input)
+            and native.handles(input, *tensors, channels_last=not instances))
 
 
 def _batch_norm(input, weight, bias, running_mean, running_var, training, eps, axis=1, chunk=0,
                 activation="identity", activation_param=0.0, renorm_clipping=None,
                 renorm_mean=None, renorm_var=None):
-    if _plain_native(input, axis, chunk, activation, renorm_clipping is not None, weight,
-                     bias, running_mean, running_var):
-        return native.batch_norm(input, weight, bias, running_mean, running_var, training, eps)
+    if _plain_native(input, training, axis, chunk, activation, renorm_clipping is not None,
+                     weight, bias, running_mean, running_var):
+        return native.batch_norm(input, weight, bias, running_mean, running_var, training, eps,
+                                 instances=chunk == 1)
     with torch.no_grad():
         return normalize.batch_norm_forward(
             kernels.primitives(input), input, weight, bias, running_mean, running_var,
@@ -121,10 +125,10 @@ def _batch_norm(input, weight, bias, running_mean, running_var, training, eps, a
 def _batch_norm_backward(grad_output, input, weight, bias, mean, var, renorm_r, renorm_d,
                          training, eps, axis, chunk, activation, activation_param,
                          output_mask):
-    if _plain_native(input, axis, chunk, activation, renorm_r.numel() > 0, weight, bias, mean,
-                     var):
+    if _plain_native(input, training, axis, chunk, activation, renorm_r.numel() > 0, weight,
+                     bias, mean, var):
         grads = native.batch_norm_backward(grad_output, input, weight, mean, var, training,
-                                           eps, output_mask)
+                                           eps, output_mask, instances=chunk == 1)
     else:
         with torch.no_grad():
             grads = normalize.batch_norm_backward(

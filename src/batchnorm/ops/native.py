@@ -6,8 +6,10 @@ under a large common offset; this goes to it directly (``aten::native_batch_norm
 through ``aten::batch_norm``, which may pick cuDNN. The operators' contract stays ours:
 the forward returns the biased batch variance (for the running statistics, which
 :func:`batchnorm.ops.update_running_stats_` updates only for a finite batch) and checks the
-statistics exactly as the composite does. The variants (fused activation, residual, ghost
-batches, Batch Renormalization, InstanceNorm) and half precision take the Triton kernels.
+statistics exactly as the composite does. InstanceNorm is BatchNorm of the input viewed
+as ``(1, N * C, L)``, as torch computes it. The variants (fused activation, residual, ghost
+batches, Batch Renormalization), channels-last InstanceNorm and GroupNorm, and half
+precision take the Triton kernels.
 """
 
 from __future__ import annotations
@@ -41,14 +43,28 @@ def _like_input(grad_output: Tensor, input: Tensor) -> Tensor:
     return grad_output.contiguous()
 
 
+def _instances(input: Tensor, *per_channel: Tensor | None) -> list[Tensor | None]:
+    """InstanceNorm's view: contiguous ``(N, C, ...)`` input as ``(1, N * C, L)``, with each
+    per-channel tensor repeated per sample."""
+    n = input.shape[0]
+    return [input.view(1, n * input.shape[1], -1),
+            *(None if t is None else t.repeat(n) for t in per_channel)]
+
+
 def batch_norm(input: Tensor, weight: Tensor | None, bias: Tensor | None,
                running_mean: Tensor | None, running_var: Tensor | None, training: bool,
-               eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(y, mean, var, r, d)`` of plain BatchNorm over dim 1 (r and d empty).
+               eps: float, instances: bool = False
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(y, mean, var, r, d)`` of plain BatchNorm over dim 1 (r and d empty), or with
+    ``instances`` (in training) of InstanceNorm, statistics ``(N, C)``.
 
     ATen returns ``1 / sqrt(var + eps)``, from which a variance far below eps cannot be
     recovered; the unbiased variance comes instead from a momentum-1 update of zeroed
     statistics, ``var = unbiased * (n - 1) / n``."""
+    if training and instances:
+        y, mean, var, r, d = batch_norm(*_instances(input, weight, bias), None, None, True, eps)
+        table = input.shape[:2]
+        return y.view(input.shape), mean.view(table), var.view(table), r, d
     if training:
         mean = input.new_zeros(input.shape[1])
         var = torch.zeros_like(mean)
@@ -67,9 +83,18 @@ def batch_norm(input: Tensor, weight: Tensor | None, bias: Tensor | None,
 
 def batch_norm_backward(grad_output: Tensor, input: Tensor, weight: Tensor | None,
                         mean: Tensor, var: Tensor, training: bool, eps: float,
-                        output_mask: list[bool]) -> tuple[Tensor | None, ...]:
+                        output_mask: list[bool], instances: bool = False
+                        ) -> tuple[Tensor | None, ...]:
     """Gradients of :func:`batch_norm` (None where not asked for)."""
     grad_output = _like_input(grad_output, input)
+    if training and instances:
+        view, repeated = _instances(input, weight)
+        grad_input, grad_weight, grad_bias = batch_norm_backward(
+            grad_output.view(view.shape), view, repeated, mean, var, True, eps, output_mask)
+        per_sample = (input.shape[0], -1)
+        return (None if grad_input is None else grad_input.view(input.shape),
+                *(None if g is None else g.view(per_sample).sum(0)
+                  for g in (grad_weight, grad_bias)))
     if training:
         return _aten.native_batch_norm_backward(
             grad_output, input, weight, None, None, mean.view(-1),
