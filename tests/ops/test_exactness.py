@@ -50,6 +50,10 @@ def _affine(layer: nn.Module) -> nn.Module:
 CASES = {
     "batch_norm NCHW": (lambda: nn.BatchNorm2d(4, eps=EPS), (6, 4, 5, 5), False),
     "batch_norm channels_last": (lambda: nn.BatchNorm2d(4, eps=EPS), (6, 4, 5, 5), True),
+    # (M, C) = (9216, 12): the column sums' 64 row blocks of 144 rows, each flushed from
+    # float into double once within the block and once at its end
+    "batch_norm channels_last row blocks": (lambda: nn.BatchNorm2d(12, eps=EPS),
+                                            (16, 12, 24, 24), True),
     "batch_norm (N, C)": (lambda: nn.BatchNorm1d(40, eps=EPS), (32, 40), False),
     "batch_norm (N, C, L)": (lambda: nn.BatchNorm1d(4, eps=EPS), (5, 4, 33), False),
     "instance_norm": (lambda: nn.InstanceNorm2d(4, eps=EPS, affine=True,
