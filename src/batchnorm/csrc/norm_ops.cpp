@@ -664,6 +664,30 @@ InstanceView instance_view(const Tensor& input) {
           std::max<int64_t>(rows_per_sample(input, 1, channels_last), 1), channels_last};
 }
 
+// Per-channel sums over the samples of per-(sample, channel) sums (N, C), each scaled by its
+// (sample, group) invstd when given, in double: dw = sum_n invstd * sum(g * (x - mean)),
+// db = sum_n sum(g).
+Tensor parameter_sums(const Tensor& sums, const Tensor& invstd, int64_t num_groups) {
+  const int64_t samples = sums.size(0);
+  const int64_t channels = sums.size(1);
+  const int64_t per_group = channels / num_groups;
+  Tensor out = new_cpu({channels}, sums.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES(sums.scalar_type(), "group_norm_backward", [&] {
+    const scalar_t* data = sums.const_data_ptr<scalar_t>();
+    const scalar_t* inv = invstd.defined() ? invstd.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* result = out.mutable_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < channels; ++c) {
+      double total = 0;
+      for (int64_t n = 0; n < samples; ++n) {
+        const scalar_t value = data[n * channels + c];
+        total += inv ? value * inv[n * num_groups + c / per_group] : value;
+      }
+      result[c] = static_cast<scalar_t>(total);
+    }
+  });
+  return out;
+}
+
 void check_groups(int64_t channels, int64_t num_groups) {
   TORCH_CHECK(num_groups > 0 && channels % num_groups == 0,
               "group_norm: num_groups must divide the channels, got num_groups=", num_groups,
@@ -687,6 +711,12 @@ std::tuple<Tensor, Tensor, Tensor> group_norm(const Tensor& input, const Optiona
             at::ones({samples, num_groups}, options)};
   }
   check_groups(channels, num_groups);
+  if (!view.channels_last) {  // each (sample, group) block is contiguous
+    auto [y, mean, invstd] = group_blocks_forward(view.x, optional_table(weight, acc),
+                                                  optional_table(bias, acc), num_groups, eps);
+    check_variance(invstd);
+    return {restore(y, input, 1, false), mean, invstd};
+  }
   const auto [channel_mean, channel_var] = channel_stats(view.x, view.rows);
   const int64_t per_group = channels / num_groups;
   Tensor mean = new_cpu({samples, num_groups}, acc);
@@ -763,6 +793,18 @@ Grads group_norm_backward(const Tensor& grad_output, const Tensor& input,
   const int64_t samples = input.size(0);
   const int64_t channels = input.size(1);
   check_groups(channels, num_groups);
+  if (!view.channels_last) {  // each (sample, group) block is contiguous
+    const Tensor invstd_table = as_table(invstd, acc);
+    const auto [dx, sum_dy, sum_dy_xc] =
+        group_blocks_backward(dy, view.x, mean, invstd_table, optional_table(weight, acc),
+                              num_groups, output_mask[0]);
+    return {output_mask[0] ? restore(dx, input, 1, false) : empty_grad(input),
+            want_weight
+                ? in_dtype_of(parameter_sums(sum_dy_xc, invstd_table, num_groups), *weight)
+                : empty_grad(input),
+            want_bias ? in_dtype_of(parameter_sums(sum_dy, Tensor(), num_groups), *bias)
+                      : empty_grad(input)};
+  }
   const int64_t per_group = channels / num_groups;
   const auto options = mean.options();
   const Tensor mean_table = mean.contiguous();
@@ -788,8 +830,10 @@ Grads group_norm_backward(const Tensor& grad_output, const Tensor& input,
   });
   const auto [sum_g, sum_gxc] = channel_backward_reduce(dy, view.x, expanded_mean, scale, shift,
                                                         view.rows, "identity", 0.0);
-  Tensor grad_weight = want_weight ? new_cpu({channels}, acc) : empty_grad(input);
-  Tensor grad_bias = want_bias ? new_cpu({channels}, acc) : empty_grad(input);
+  const Tensor grad_weight = want_weight ? parameter_sums(sum_gxc, invstd_table, num_groups)
+                                         : empty_grad(input);
+  const Tensor grad_bias = want_bias ? parameter_sums(sum_g, Tensor(), num_groups)
+                                     : empty_grad(input);
   Tensor k0, k2;
   if (output_mask[0]) {
     k0 = new_cpu({samples, channels}, acc);
@@ -801,22 +845,9 @@ Grads group_norm_backward(const Tensor& grad_output, const Tensor& input,
     const acc_t* w_data = w.defined() ? w.const_data_ptr<acc_t>() : nullptr;
     const acc_t* g = sum_g.const_data_ptr<acc_t>();
     const acc_t* gxc = sum_gxc.const_data_ptr<acc_t>();
-    auto channel_invstd = [&](int64_t n, int64_t c) { return inv[n * num_groups + c / per_group]; };
     auto sum_g_xhat = [&](int64_t n, int64_t c) {
-      return gxc[n * channels + c] * channel_invstd(n, c);
+      return gxc[n * channels + c] * inv[n * num_groups + c / per_group];
     };
-    if (want_weight || want_bias) {
-      for (int64_t c = 0; c < channels; ++c) {
-        double grad_weight_c = 0;
-        double grad_bias_c = 0;
-        for (int64_t n = 0; n < samples; ++n) {
-          grad_weight_c += sum_g_xhat(n, c);
-          grad_bias_c += g[n * channels + c];
-        }
-        if (want_weight) grad_weight.mutable_data_ptr<acc_t>()[c] = acc_t(grad_weight_c);
-        if (want_bias) grad_bias.mutable_data_ptr<acc_t>()[c] = acc_t(grad_bias_c);
-      }
-    }
     if (!output_mask[0]) return;
     // per group: mean over its values of w * g and of w * g * x_hat
     const acc_t count = static_cast<acc_t>(view.x.numel() / (samples * num_groups));

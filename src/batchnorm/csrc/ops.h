@@ -50,4 +50,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rows_backward(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
     const std::optional<at::Tensor>& weight);
 
+// GroupNorm of a contiguous (N, C, L) view, one visit per (sample, group) block; called by
+// the group_norm operators (group_blocks.cpp), not registered. Forward: (y, mean (N, G),
+// invstd (N, G)); backward: (dx or undefined, sum(dy) (N, C), sum(dy * (x - mean)) (N, C)).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_blocks_forward(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, int64_t groups,
+    double eps);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_blocks_backward(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
+    const at::Tensor& weight, int64_t groups, bool input_gradient);
+
 }  // namespace batchnorm_cpu
