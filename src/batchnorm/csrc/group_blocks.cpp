@@ -42,18 +42,7 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& weight, const at::Ten
   at::parallel_for(0, blocks, grain_for(2 * K), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* block = x_data + r * K;
-      const Vec pivot(static_cast<acc_t>(block[0]));
-      TwoSums<acc_t> sums;
-      sums.add(K, [&](int64_t i, int64_t count) {
-        Vec d = L::load(block + i, count) - pivot;
-        if (count != L::width) d = Vec::set(Vec(0), d, count);
-        return std::pair<Vec, Vec>(d, d * d);
-      });
-      sums.flush();
-      const double shifted = sums.total_first / K;
-      const double var = at_least_zero(sums.total_second / K - shifted * shifted);
-      const acc_t m = static_cast<acc_t>(static_cast<acc_t>(block[0]) + shifted);
-      const acc_t inv = acc_t(1) / std::sqrt(static_cast<acc_t>(var) + static_cast<acc_t>(eps));
+      const auto [m, inv] = shifted_moments(block, K, eps);
       mean_data[r] = m;
       invstd_data[r] = inv;
       const int64_t first_channel = (r % s.groups) * s.per_group;

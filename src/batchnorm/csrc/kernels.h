@@ -234,6 +234,29 @@ inline void flush_columns(acc_t* acc, double* total, int64_t width) {
   }
 }
 
+// Mean and invstd = 1 / sqrt(var + eps) of n contiguous values, from sums shifted by the
+// first value: a large common offset costs the variance no digits.
+template <typename T>
+inline std::pair<at::opmath_type<T>, at::opmath_type<T>> shifted_moments(const T* data,
+                                                                         int64_t n, double eps) {
+  using L = Lanes<T>;
+  using acc_t = typename L::acc_t;
+  using Vec = typename L::Vec;
+  const acc_t pivot = static_cast<acc_t>(data[0]);
+  const Vec pivot_vec(pivot);
+  TwoSums<acc_t> sums;
+  sums.add(n, [&](int64_t i, int64_t count) {
+    Vec d = L::load(data + i, count) - pivot_vec;
+    if (count != L::width) d = Vec::set(Vec(0), d, count);
+    return std::pair<Vec, Vec>(d, d * d);
+  });
+  sums.flush();
+  const double shifted = sums.total_first / n;
+  const double var = at_least_zero(sums.total_second / n - shifted * shifted);
+  return {static_cast<acc_t>(pivot + shifted),
+          acc_t(1) / std::sqrt(static_cast<acc_t>(var) + static_cast<acc_t>(eps))};
+}
+
 // Row blocks (partial sums of their own) of a column reduction over `rows` rows: a function
 // of the shape only. Fewer than kBlockRows rows per block would cost more to merge than
 // they save.
