@@ -90,5 +90,6 @@ def primitives(x: torch.Tensor) -> ModuleType:
 
 
 def native(x: torch.Tensor) -> bool:
-    """Whether plain BatchNorm/GroupNorm/LayerNorm of ``x`` run on torch's own kernels."""
+    """Whether plain BatchNorm/InstanceNorm/GroupNorm/LayerNorm of ``x`` run on torch's own
+    kernels (:mod:`batchnorm.ops.native` also checks that they can)."""
     return _forced == "aten" or (_forced is None and x.device.type == "cuda")

@@ -104,7 +104,7 @@ def _plain_native(input, training, axis, chunk, activation, renorm, *tensors):
     here."""
     instances = training and chunk == 1 and input.dim() > 2
     return (axis == 1 and (chunk == 0 or instances or not training)
-            and activation == "identity" and not renorm and kernels.native(input)
+            and activation == "identity" and not renorm
             and native.handles(input, *tensors, channels_last=not instances))
 
 
@@ -159,7 +159,7 @@ def _batch_norm_add_backward(grad_output, input, residual, weight, bias, mean, v
 
 
 def _group_norm(input, weight, bias, num_groups, eps):
-    if kernels.native(input) and native.handles(input, weight, bias, channels_last=False):
+    if native.handles(input, weight, bias, channels_last=False):
         return native.group_norm(input, weight, bias, num_groups, eps)
     with torch.no_grad():
         return normalize.group_norm_forward(kernels.primitives(input), input, weight, bias,
@@ -168,7 +168,7 @@ def _group_norm(input, weight, bias, num_groups, eps):
 
 def _group_norm_backward(grad_output, input, weight, bias, mean, invstd, num_groups,
                          output_mask):
-    if kernels.native(input) and native.handles(input, weight, bias, channels_last=False):
+    if native.handles(input, weight, bias, channels_last=False):
         grads = native.group_norm_backward(grad_output, input, weight, mean, invstd,
                                            num_groups, output_mask)
     else:
@@ -180,7 +180,7 @@ def _group_norm_backward(grad_output, input, weight, bias, mean, invstd, num_gro
 
 
 def _layer_norm(input, normalized_ndim, weight, bias, eps):
-    if kernels.native(input) and native.handles(input, weight, bias, channels_last=False):
+    if native.handles(input, weight, bias, channels_last=False):
         return native.layer_norm(input, normalized_ndim, weight, bias, eps)
     with torch.no_grad():
         return normalize.layer_norm_forward(kernels.primitives(input), input, normalized_ndim,
@@ -189,7 +189,7 @@ def _layer_norm(input, normalized_ndim, weight, bias, eps):
 
 def _layer_norm_backward(grad_output, input, normalized_ndim, weight, bias, mean, invstd,
                          output_mask):
-    if kernels.native(input) and native.handles(input, weight, bias, channels_last=False):
+    if native.handles(input, weight, bias, channels_last=False):
         grads = native.layer_norm_backward(grad_output, input, normalized_ndim, weight, bias,
                                            mean, invstd, output_mask)
     else:

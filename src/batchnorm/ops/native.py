@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from batchnorm import kernels
 from batchnorm.core import layout
 from batchnorm.core.policy import check_finite, check_variance
 
@@ -25,10 +26,11 @@ _DTYPES = (torch.float32, torch.float64)
 
 
 def handles(input: Tensor, *tensors: Tensor | None, channels_last: bool = True) -> bool:
-    """Whether the ATen kernels compute exactly what the composite would: float32/float64
-    input whose parameters and statistics share its dtype, in memory the kernels return
-    their results in (contiguous, or channels-last where ``channels_last`` allows)."""
-    if input.dtype not in _DTYPES or input.numel() == 0:
+    """Whether this call goes to the ATen kernels: where :func:`batchnorm.kernels.native`
+    sends plain layers, and where they compute exactly what the composite would: float32/
+    float64 input whose parameters and statistics share its dtype, in memory the kernels
+    return their results in (contiguous, or channels-last where ``channels_last`` allows)."""
+    if not kernels.native(input) or input.dtype not in _DTYPES or input.numel() == 0:
         return False
     if any(t is not None and t.dtype != input.dtype for t in tensors):
         return False
