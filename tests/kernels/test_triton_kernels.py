@@ -82,8 +82,9 @@ def tables(x: torch.Tensor, chunk: int) -> list[torch.Tensor]:
     groups = reference.chunks(x.shape[0], chunk)
     dtype = reference.accumulation_dtype(x.dtype)
     mean, var = reference.channel_stats(x.double(), chunk)
-    scale = (torch.rand(groups, x.shape[1], dtype=torch.float64) + 0.5) / torch.sqrt(var + 1e-5)
-    shift = torch.randn(groups, x.shape[1], dtype=torch.float64)
+    scale = (torch.rand(groups, x.shape[1], dtype=torch.float64, device=var.device) + 0.5
+             ) / torch.sqrt(var + 1e-5)
+    shift = torch.randn(groups, x.shape[1], dtype=torch.float64, device=var.device)
     return [t.to(DEVICE, dtype) for t in (mean, scale, shift)]
 
 
