@@ -46,8 +46,8 @@ def test_the_environment_variable_is_read_once_at_import():
 
 
 def test_aten_sends_the_plain_layers_to_torch_kernels_and_keeps_the_primitives():
-    """CUDA's route for the plain layers, forced on CPU; the variants keep the device's
-    primitives (the C++ ones here, as without forcing)."""
+    """torch's kernels for the plain layers only where asked for; the variants keep the
+    device's primitives (the C++ ones here, as without forcing)."""
     x = torch.randn(4, 3)
     assert not kernels.native(x)
     default = kernels.primitives(x)

@@ -86,34 +86,47 @@ def test_layers_match_float64_torch_nn(case, offset):
     _check_against_float64(case, offset)
 
 
-def _check_against_float64(case, offset: float) -> None:
+def _check_against_float64(case, offset: float, device: str = "cpu") -> None:
+    """``case`` on ``device`` against the float64 torch.nn layer on CPU."""
     make, shape, channels_last = case
     reference64 = _affine(make()).double()
-    ours = batchnorm.convert(copy.deepcopy(_affine(make())))
+    ours = batchnorm.convert(copy.deepcopy(_affine(make()))).to(device)
     for step in range(3):
-        x = _data(shape, offset + step, channels_last).requires_grad_()
-        x64 = x.detach().double().requires_grad_()
+        x = _data(shape, offset + step, channels_last).to(device).requires_grad_()
+        x64 = x.detach().cpu().double().requires_grad_()
         y = ours(x)
         y.backward(torch.cos(y.detach()))
         y64 = reference64(x64)
-        y64.backward(torch.cos(y.detach().double()))
-        torch.testing.assert_close(y.double(), y64.detach(), rtol=0, atol=1e-3)
-        torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-3, atol=1e-3)
+        y64.backward(torch.cos(y.detach().cpu().double()))
+        torch.testing.assert_close(y.cpu().double(), y64.detach(), rtol=0, atol=1e-3)
+        torch.testing.assert_close(x.grad.cpu().double(), x64.grad, rtol=1e-3, atol=1e-3)
         for (name, p), p64 in zip(ours.named_parameters(), reference64.parameters(),
                                   strict=True):
-            torch.testing.assert_close(p.grad.double(), p64.grad, rtol=0,
+            torch.testing.assert_close(p.grad.cpu().double(), p64.grad, rtol=0,
                                        atol=1e-3 * float(p64.grad.abs().max()), msg=name)
             p.grad = p64.grad = None
     for name, buffer in reference64.named_buffers():
-        torch.testing.assert_close(getattr(ours, name).to(buffer.dtype), buffer, rtol=1e-5,
-                                   atol=1e-3, msg=name)
+        torch.testing.assert_close(getattr(ours, name).cpu().to(buffer.dtype), buffer,
+                                   rtol=1e-5, atol=1e-3, msg=name)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="NO CUDA DEVICE: the float64 bars on the GPU's kernels (Triton) "
+                    "need a GPU")
+@pytest.mark.parametrize("offset", [0.0, 1e4], ids=["centred", "offset-1e4"])
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_layers_on_cuda_match_float64_torch_nn(case, offset):
+    """The bars of :func:`test_layers_match_float64_torch_nn` on a GPU, every layout
+    included: the default route, which torch's CUDA kernels would fail (see
+    batchnorm.ops.native)."""
+    _check_against_float64(case, offset, "cuda")
 
-# The cases the ATen route takes (channels-last InstanceNorm and GroupNorm keep the kernel
-# primitives). torch's CPU channels-last BatchNorm kernel sums x and x^2 in one pass and
-# misses the offset-1e4 bar, so that case runs centred only; ATen's CUDA kernel, the one
-# this route is for, uses Welford.
+
+# The cases the opt-in route to torch's kernels takes (channels-last InstanceNorm and
+# GroupNorm keep the kernel primitives), on CPU. torch's CPU channels-last BatchNorm kernel
+# sums x and x^2 in one pass and misses the offset-1e4 bar, so that case runs centred only:
+# what is tested here is that the route computes what those kernels compute, with our
+# operators' contract around them.
 NATIVE_CASES = [pytest.param(CASES[name], offset, id=f"{name}-{label}")
                 for name in ("batch_norm NCHW", "batch_norm channels_last", "batch_norm (N, C)",
                              "batch_norm (N, C, L)", "instance_norm", "group_norm",
@@ -124,8 +137,8 @@ NATIVE_CASES = [pytest.param(CASES[name], offset, id=f"{name}-{label}")
 
 @pytest.mark.parametrize(("case", "offset"), NATIVE_CASES)
 def test_plain_layers_on_torch_kernels_match_float64_torch_nn(case, offset):
-    """The route CUDA takes for the plain layers, forced on CPU: torch's own kernels behind
-    our operators, against the bars above."""
+    """The opt-in route for the plain layers (``BATCHNORM_BACKEND=aten``): torch's own
+    kernels behind our operators, against the bars above."""
     with kernels.use_backend("aten"), torch.profiler.profile() as profile:
         _check_against_float64(case, offset)
     names = {event.key for event in profile.key_averages()}

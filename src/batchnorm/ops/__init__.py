@@ -11,7 +11,8 @@ accepted the batch, so a rejected batch changes no buffer. :func:`batch_norm_add
 ResNet block's tail, ``act(BatchNorm(x) + residual)``, as one operator.
 
 The plain layers run on torch's own kernels where :func:`batchnorm.kernels.native` says so
-(CUDA; :mod:`batchnorm.ops.native`), the variants on the kernel primitives.
+(``BATCHNORM_BACKEND=aten``; :mod:`batchnorm.ops.native`), the variants on the kernel
+primitives.
 
 Double backward and ``torch.func`` transforms use :mod:`batchnorm.core.normalize` with the
 reference primitives directly: plain torch ops that every transform differentiates.
