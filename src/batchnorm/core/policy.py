@@ -90,23 +90,27 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor,
     """``running = (1 - f) * running + f * batch`` with the pooled unbiased variance;
     ``f = momentum``, or ``1 / num_batches_tracked`` after counting this batch when
     ``momentum`` is None (a cumulative average). An empty batch only counts. Values that
-    are not finite, or that the buffers' dtype cannot hold, raise before anything changes."""
+    are not finite, or that the buffers' dtype cannot hold, raise before anything changes.
+    One host synchronization: the new values are finite only if the batch's are."""
     if mean.numel() == 0 or count == 0:
         if num_batches_tracked is not None:
             num_batches_tracked.add_(1)
         return
     batch_mean, batch_var = pooled_statistics(mean, var, count, last_count)
-    check_finite(batch_mean, batch_var)
     factor = momentum_factor(num_batches_tracked, momentum, batch_mean.dtype)
     updates = [(name, running, torch.lerp(running.to(batch.dtype), batch, factor))
                for name, running, batch in (("running_mean", running_mean, batch_mean),
                                             ("running_var", running_var, batch_var))]
-    for name, running, updated in updates:
-        if not bool(torch.isfinite(updated.to(running.dtype)).all()):
-            raise ValueError(f"{name} overflows its {running.dtype} buffer (new values up to "
-                             f"{updated.abs().max().item():.4g}); keep the layer's buffers in "
-                             "float32, e.g. with torch.autocast instead of .half()")
-    for _, running, updated in updates:
-        running.copy_(updated)
+    stored = [updated.to(running.dtype) for _, running, updated in updates]
+    if not bool(torch.isfinite(stored[0]).all() & torch.isfinite(stored[1]).all()):
+        check_finite(batch_mean, batch_var)
+        name, running, updated = next(
+            update for update, values in zip(updates, stored, strict=True)
+            if not bool(torch.isfinite(values).all()))
+        raise ValueError(f"{name} overflows its {running.dtype} buffer (new values up to "
+                         f"{updated.abs().max().item():.4g}); keep the layer's buffers in "
+                         "float32, e.g. with torch.autocast instead of .half()")
+    for (_, running, _), values in zip(updates, stored, strict=True):
+        running.copy_(values)
     if num_batches_tracked is not None:
         num_batches_tracked.add_(1)
