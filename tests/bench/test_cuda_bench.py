@@ -44,6 +44,8 @@ def test_filter_selects_and_rejects(capsys):
     assert len(lines) == 2 and "4096x4096 | bfloat16 | rows" in lines[1]
     with pytest.raises(SystemExit, match="matches no case"):
         cuda.main(["--dry-run", "--filter", "no such case"])
+    with pytest.raises(SystemExit, match="--no-layers leaves nothing"):
+        cuda.main(["--dry-run", "--no-layers", "--no-models"])
 
 
 TINY = [cuda.CudaCase("batch_norm", (4, 3, 2, 3), torch.float64),
@@ -149,3 +151,19 @@ def test_bench_cli_routes_device_cuda_to_the_gpu_suite(capsys):
 
     assert main(["bench", "--device", "cuda", "--dry-run"]) == 0
     assert "GroupNorm (32)" in capsys.readouterr().out
+
+
+def test_shared_flags_reach_the_gpu_suite(monkeypatch):
+    """--no-compile, --compile-budget and --filter mean the GPU suite's own settings under
+    --device cuda (the CPU parser must not swallow them), and CPU-only flags are refused."""
+    from batchnorm import bench
+
+    seen = []
+    monkeypatch.setattr(cuda, "main", lambda argv: seen.append(cuda.parse_args(argv)) or 0)
+    assert bench.main(["--no-compile", "--device", "cuda", "--filter", "LayerNorm",
+                       "--compile-budget", "60", "--quick", "--out", "here"]) == 0
+    args = seen[0]
+    assert (args.no_compile, args.compile_budget, args.filter, args.quick, str(args.out)) == (
+        True, 60.0, "LayerNorm", True, "here")
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "cuda", "--tiny"])

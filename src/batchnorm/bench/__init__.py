@@ -106,15 +106,24 @@ def run_models(cases: list[training.ModelCase], settings: Settings,
                             settings.min_round_s["models"], settings.limits)
 
 
-def parse_args_and_rest(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    """The CPU suite's arguments, and what is left for the CUDA suite."""
+def _device_and_rest(argv: list[str] | None) -> tuple[str, list[str]]:
+    """``--device``, and every other argument, for the suite of that device to parse whole
+    (the two suites share flag names, such as --no-compile, with their own meanings)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    known, rest = parser.parse_known_args(argv)
+    return known.device, rest
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The CPU suite's arguments."""
     parser = argparse.ArgumentParser(prog="batchnorm bench", description=__doc__.split(
         "\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("bench-results"),
                         help="directory for results.json and results.md")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                        help="cuda: the GPU suite of batchnorm.bench.cuda (its own flags "
-                        "follow; see `batchnorm bench --device cuda --help`)")
+                        help="cuda: the GPU suite of batchnorm.bench.cuda, which takes the "
+                        "other arguments (see `batchnorm bench --device cuda --help`)")
     parser.add_argument("--quick", action="store_true",
                         help="3 rounds of short calls (smoke test)")
     parser.add_argument("--tiny", action="store_true",
@@ -144,7 +153,7 @@ def parse_args_and_rest(argv: list[str] | None) -> tuple[argparse.Namespace, lis
     parser.add_argument("--data", type=Path,
                         default=Path(os.environ.get("BATCHNORM_DATA", "../shared/data")),
                         help="directory holding mnist/ (epoch row; skipped if absent)")
-    args, rest = parser.parse_known_args(argv)
+    args = parser.parse_args(argv)
     sections = [name for name in args.sections.split(",") if name]
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown or not sections:
@@ -157,7 +166,7 @@ def parse_args_and_rest(argv: list[str] | None) -> tuple[argparse.Namespace, lis
         if not getattr(args, name) > 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, "
                          f"got {getattr(args, name)}")
-    return args, rest
+    return args
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -180,12 +189,11 @@ def _epoch(args: argparse.Namespace, settings: Settings) -> dict[str, object]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, rest = parse_args_and_rest(argv)
-    if args.device == "cuda":
+    device, rest = _device_and_rest(argv)
+    if device == "cuda":
         from batchnorm.bench import cuda
-        return cuda.main(rest + [f"--out={args.out}"] + ["--quick"] * args.quick)
-    if rest:
-        raise SystemExit(f"batchnorm bench: unrecognized arguments: {' '.join(rest)}")
+        return cuda.main(rest)
+    args = parse_args(argv)
     settings = _settings(args)
     cases = [case for case in (TINY if args.tiny else SUITE) if args.filter in case.label]
     model_cases = [case for case in (training.TINY_MODELS if args.tiny else training.MODELS)

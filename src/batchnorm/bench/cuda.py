@@ -387,6 +387,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="seconds of torch.compile allowed over the whole run")
     parser.add_argument("--no-models", action="store_true",
                         help="skip the real-model section (training steps of whole models)")
+    parser.add_argument("--no-layers", action="store_true",
+                        help="skip the single-layer cases (only the real-model section)")
     parser.add_argument("--dry-run", action="store_true",
                         help="list the cases and their traffic; needs no GPU")
     return parser.parse_args(argv)
@@ -402,6 +404,9 @@ def main(argv: list[str] | None = None) -> int:
     selected = [case for case in cases(args.batch) if args.filter in _label(case)]
     if not selected:
         raise SystemExit(f"--filter {args.filter!r} matches no case")
+    if args.no_layers and (args.no_models or args.filter):
+        raise SystemExit("--no-layers leaves nothing to run with --no-models or --filter "
+                         "(which skips the models)")
     if args.dry_run:
         print(dry_run(selected), end="")
         return 0
@@ -417,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     budget = None if args.no_compile else args.compile_budget
     rows = []
     started = time.perf_counter()
-    for case in selected:
+    for case in [] if args.no_layers else selected:
         began = time.perf_counter()
         rows.append(run_case(case, device, bandwidth, rounds, warmup, budget))
         if budget is not None and rows[-1]["compile_ms"] is not None:
