@@ -20,10 +20,12 @@
 #include <torch/library.h>
 
 #include <array>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 
 namespace batchnorm_cpu {
@@ -84,11 +86,17 @@ bool has_tangent(const OptionalTensor& t) {
   return t.has_value() && t->defined() && has_tangent(*t);
 }
 
+// torch 2.13 holds autograd nodes in c10::intrusive_ptr, earlier releases in std::shared_ptr.
+constexpr bool kIntrusiveNodes =
+    std::is_base_of_v<c10::intrusive_ptr_target, torch::autograd::Node>;
+template <typename T>
+using NodePtr = std::conditional_t<kIntrusiveNodes, c10::intrusive_ptr<T>, std::shared_ptr<T>>;
+
 // The node of a forward with differentiable arguments (input, weight, bias), when grad mode
 // asks for one; its edges are those three, in order (an absent one is an empty edge).
 template <typename Node>
-c10::intrusive_ptr<Node> make_node(const char* op, const Tensor& input,
-                                   const OptionalTensor& weight, const OptionalTensor& bias) {
+NodePtr<Node> make_node(const char* op, const Tensor& input, const OptionalTensor& weight,
+                        const OptionalTensor& bias) {
   TORCH_CHECK_NOT_IMPLEMENTED(
       !(has_tangent(input) || has_tangent(weight) || has_tangent(bias)), op,
       ": forward-mode AD (jvp) is not implemented; torch.func transforms of the batchnorm "
@@ -97,7 +105,12 @@ c10::intrusive_ptr<Node> make_node(const char* op, const Tensor& input,
       !(requires_grad(input) || requires_grad(weight) || requires_grad(bias))) {
     return {};
   }
-  auto node = c10::make_intrusive<Node>();
+  NodePtr<Node> node;
+  if constexpr (kIntrusiveNodes) {
+    node = c10::make_intrusive<Node>();
+  } else {
+    node = std::make_shared<Node>();
+  }
   node->set_next_edges(torch::autograd::collect_next_edges(input, weight, bias));
   return node;
 }
