@@ -105,9 +105,15 @@ trace as the ATen operators torch.nn's compile to (:mod:`batchnorm.core.decompos
 Inductor fuses with their neighbours; False keeps the operators (the bench measures both)."""
 
 
+def _exporting() -> bool:
+    """``torch.compiler.is_exporting()``, which dynamo before torch 2.13 folds to True under
+    ``torch.compile`` too; the flag behind it, read as a global, is right in both."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    return torch.compiler.is_exporting() if flag is None else flag
+
+
 def _decompose() -> bool:
-    return (DECOMPOSE_UNDER_COMPILE and torch.compiler.is_compiling()
-            and not torch.compiler.is_exporting())
+    return DECOMPOSE_UNDER_COMPILE and torch.compiler.is_compiling() and not _exporting()
 
 
 def _renorm_limits(renorm_clipping: Mapping[str, float] | None) -> list[float]:

@@ -78,6 +78,16 @@ def test_compile_fullgraph_matches_torch_nn_with_no_graph_breaks(training, decom
             torch.testing.assert_close(a.grad, b.grad, msg=name, rtol=1e-3, atol=1e-4)
 
 
+def test_export_is_told_from_the_flag_not_is_exporting(monkeypatch):
+    """Dynamo before torch 2.13 folds ``torch.compiler.is_exporting()`` to True under
+    torch.compile too, which kept our operators in compiled graphs (on torch 2.11 a
+    converted ResNet-18 ran as slowly compiled as eager); the decision reads the flag."""
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    assert not batchnorm.functional._exporting()
+    monkeypatch.setattr(torch.compiler, "_is_exporting_flag", True)
+    assert batchnorm.functional._exporting()
+
+
 def test_inductor_compiles_a_converted_training_step():
     """The default (decomposed) path under Inductor, buffers included."""
     reference, ours = _pair()
