@@ -185,12 +185,11 @@ std::tuple<at::Tensor, at::Tensor> backward_input(
     const at::Tensor& mean, const at::Tensor& scale, const at::Tensor& shift,
     const at::Tensor& k1, const at::Tensor& k0, const at::Tensor& k2, int64_t chunk,
     c10::string_view activation, double param, const char* op) {
-  const ChannelShape s = channel_shape(x_in, chunk, op);
-  const Activation act = parse_activation(activation, op);
-  const auto acc = accumulation_type(x_in.scalar_type());
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor dy = like_x(dy_in, x, op, "dy");
-  const at::Tensor residual = residual_in ? like_x(*residual_in, x, op, "residual") : at::Tensor();
+  const BackwardArgs a = backward_args(dy_in, x_in, residual_in, chunk, activation, op);
+  const ChannelShape& s = a.s;
+  const auto acc = a.acc;
+  const at::Tensor& x = a.x;
+  const at::Tensor& residual = a.residual;
   const std::array<at::Tensor, 6> tables = {
       table_arg(mean, s.chunks, s.channels, acc, op, "mean"),
       table_arg(scale, s.chunks, s.channels, acc, op, "scale"),
@@ -206,11 +205,11 @@ std::tuple<at::Tensor, at::Tensor> backward_input(
     using acc_t = at::opmath_type<scalar_t>;
     std::array<std::vector<acc_t>, 6> storage;
     const auto data = map_tables<acc_t, 6>(tables, s, storage);
-    const scalar_t* dys = dy.const_data_ptr<scalar_t>();
+    const scalar_t* dys = a.dy.const_data_ptr<scalar_t>();
     const scalar_t* xs = x.const_data_ptr<scalar_t>();
     scalar_t* dxs = dx.mutable_data_ptr<scalar_t>();
     const acc_t p = static_cast<acc_t>(param);
-    dispatch_activation(act, [&](auto tag) {
+    dispatch_activation(a.act, [&](auto tag) {
       constexpr Activation A = decltype(tag)::value;
       if (residual.defined()) {
         for_each_run(s, BackwardInput<scalar_t, A, true>{

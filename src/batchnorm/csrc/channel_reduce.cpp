@@ -313,29 +313,26 @@ std::tuple<at::Tensor, at::Tensor> backward_reduce(
     const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor* residual_in,
     const at::Tensor& mean_in, const at::Tensor& scale_in, const at::Tensor& shift_in,
     int64_t chunk, c10::string_view activation, double param, const char* op) {
-  const ChannelShape s = channel_shape(x_in, chunk, op);
-  const Activation act = parse_activation(activation, op);
-  const auto acc = accumulation_type(x_in.scalar_type());
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor dy = like_x(dy_in, x, op, "dy");
-  const at::Tensor r = residual_in ? like_x(*residual_in, x, op, "residual") : at::Tensor();
+  const BackwardArgs a = backward_args(dy_in, x_in, residual_in, chunk, activation, op);
+  const ChannelShape& s = a.s;
+  const auto acc = a.acc;
   const at::Tensor mean = table_arg(mean_in, s.chunks, s.channels, acc, op, "mean");
   const at::Tensor scale = table_arg(scale_in, s.chunks, s.channels, acc, op, "scale");
   const at::Tensor shift = table_arg(shift_in, s.chunks, s.channels, acc, op, "shift");
-  const auto options = x.options().dtype(acc);
+  const auto options = a.x.options().dtype(acc);
   at::Tensor sum_g = at::empty({s.chunks, s.channels}, options);
   at::Tensor sum_g_xc = at::empty({s.chunks, s.channels}, options);
   if (s.chunks == 0) return {sum_g, sum_g_xc};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(),
                                   "channel_backward_reduce", [&] {
-    dispatch_activation(act, [&](auto tag) {
+    dispatch_activation(a.act, [&](auto tag) {
       constexpr Activation A = decltype(tag)::value;
-      if (r.defined()) {
-        backward_reduce_kernel<scalar_t, A, true>(dy, x, r, mean, scale, shift, s, param,
-                                                  sum_g, sum_g_xc);
+      if (a.residual.defined()) {
+        backward_reduce_kernel<scalar_t, A, true>(a.dy, a.x, a.residual, mean, scale, shift, s,
+                                                  param, sum_g, sum_g_xc);
       } else {
-        backward_reduce_kernel<scalar_t, A, false>(dy, x, r, mean, scale, shift, s, param,
-                                                   sum_g, sum_g_xc);
+        backward_reduce_kernel<scalar_t, A, false>(a.dy, a.x, a.residual, mean, scale, shift, s,
+                                                   param, sum_g, sum_g_xc);
       }
     });
   });

@@ -364,4 +364,23 @@ inline ChannelShape channel_shape(const at::Tensor& x, int64_t chunk, const char
   return ChannelShape{rows, x.size(1), x.size(2), chunk, (rows + chunk - 1) / chunk};
 }
 
+// What both backward passes read: the view's shape, the activation, the accumulation type,
+// and x, dy and the optional shortcut, contiguous, of x's shape and dtype.
+struct BackwardArgs {
+  ChannelShape s;
+  Activation act;
+  at::ScalarType acc;
+  at::Tensor x, dy, residual;
+};
+
+inline BackwardArgs backward_args(const at::Tensor& dy, const at::Tensor& x,
+                                  const at::Tensor* residual, int64_t chunk,
+                                  c10::string_view activation, const char* op) {
+  const ChannelShape s = channel_shape(x, chunk, op);
+  const Activation act = parse_activation(activation, op);
+  const at::Tensor xc = x.contiguous();
+  return {s, act, accumulation_type(x.scalar_type()), xc, like_x(dy, xc, op, "dy"),
+          residual ? like_x(*residual, xc, op, "residual") : at::Tensor()};
+}
+
 }  // namespace batchnorm_cpu
