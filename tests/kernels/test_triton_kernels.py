@@ -292,9 +292,36 @@ def test_operators_pass_opcheck_and_compile(tk):
     """Schemas, fake (meta) kernels and torch.compile tracing into the kernels."""
     x, chunk = make_view("nchw-ghost-uneven")
     mean, scale, shift = tables(x, chunk)
-    torch.library.opcheck(tk.channel_stats, (x, chunk))
-    torch.library.opcheck(tk.channel_normalize, (x, mean, scale, shift, chunk, "relu", 0.0))
+    ops = torch.ops.batchnorm_triton
+    torch.library.opcheck(ops.channel_stats.default, (x, chunk))
+    torch.library.opcheck(ops.channel_normalize.default,
+                          (x, mean, scale, shift, chunk, "relu", 0.0))
     compiled = torch.compile(tk.channel_normalize, fullgraph=True)
     close(compiled(x, mean, scale, shift, chunk, "relu", 0.0),
           tk.channel_normalize(x, mean, scale, shift, chunk, "relu", 0.0), 1e-6)
 
+
+
+def test_primitives_launch_directly_unless_something_traces(tk):
+    """Plain eager calls skip the operator's dispatch (the profiler records no operator);
+    under a dispatch mode, as tracers use, the primitive is the operator."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x, chunk = make_view("nchw")
+    with torch.profiler.profile() as profile:
+        direct = tk.channel_stats(x, chunk)
+    assert not any("batchnorm_triton" in event.key for event in profile.key_averages())
+    with Record() as record:
+        traced = tk.channel_stats(x, chunk)
+    assert "batchnorm_triton.channel_stats.default" in record.names
+    for a, b in zip(direct, traced, strict=True):
+        close(a, b, 0.0)
