@@ -7,9 +7,8 @@ launches its kernels through ``wrap_triton``, so torch.compile and torch.export 
 the kernels instead of stopping at an opaque call; called eagerly on plain tensors, the
 primitive launches the kernels without the operator's dispatch. Any (P, C, Q) strides
 work: NCHW views (Q > 1) and channels-last views (Q == 1) get tiles along their contiguous
-dim. Ghost
-batches and InstanceNorm (several chunks, an uneven last one) take one launch for all
-chunks. float16/bfloat16 accumulate in float32, float64 in float64.
+dim. Ghost batches and InstanceNorm (several chunks, an uneven last one) take one launch
+for all chunks. float16/bfloat16 accumulate in float32, float64 in float64.
 
 Statistics are sums of ``x - pivot`` and its square, one pivot per (chunk, channel) (its
 first value): one read of x, and a common offset of 1e4 on float32 data costs no digits.
