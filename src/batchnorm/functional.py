@@ -107,9 +107,9 @@ Inductor fuses with their neighbours; False keeps the operators (the bench measu
 
 def _exporting() -> bool:
     """``torch.compiler.is_exporting()``, which dynamo before torch 2.13 folds to True under
-    ``torch.compile`` too; the flag behind it, read as a global, is right in both."""
-    flag = getattr(torch.compiler, "_is_exporting_flag", None)
-    return torch.compiler.is_exporting() if flag is None else flag
+    ``torch.compile`` too; the flag behind it, read as a global, is right in both (it
+    exists from torch 2.11, the oldest supported)."""
+    return torch.compiler._is_exporting_flag
 
 
 def _decompose() -> bool:
