@@ -1,6 +1,6 @@
 """Plain BatchNorm, GroupNorm and LayerNorm on torch's own ATen kernels, where
 ``BATCHNORM_BACKEND=aten`` (or ``kernels.use_backend("aten")``) asks for them, on any
-device: torch's speed and torch's accuracy. Not the default: on a GPU, under a mean offset
+device: torch's kernels, with their accuracy. Not the default: on a GPU, under a mean offset
 of 1e4, ATen's CUDA kernels miss the float64 bars our kernels meet (channels-last
 BatchNorm, InstanceNorm and LayerNorm outputs by up to 12x, GroupNorm's weight gradient).
 
