@@ -23,8 +23,8 @@ from batchnorm.kernels import cpu, extension, reference
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 OUTPUT_RTOL = {torch.float32: 2e-5, torch.float64: 1e-12, torch.float16: 2e-3,
                torch.bfloat16: 1.6e-2}
-ACTIVATIONS = [("identity", 0.0), ("relu", 0.0), ("leaky_relu", 0.2), ("elu", 0.7),
-               ("silu", 0.0)]
+ACTIVATIONS = [("identity", 0.0), ("relu", 0.0), ("relu6", 0.0), ("leaky_relu", 0.2),
+               ("elu", 0.7), ("silu", 0.0)]
 # (P, C, Q), chunk: one chunk, several, an uneven last chunk, chunk > P; Q == 1 and short Q
 # (columns), long Q not a multiple of the vector width (segments), a segment longer than
 # one float32 run of the accumulator, and enough rows for several row blocks
@@ -88,7 +88,7 @@ def chunk_sums64(values: torch.Tensor, chunk: int) -> torch.Tensor:
 
 def act64(z: torch.Tensor, name: str, param: float) -> torch.Tensor:
     functional = torch.nn.functional
-    return {"identity": lambda t: t, "relu": torch.relu,
+    return {"identity": lambda t: t, "relu": torch.relu, "relu6": functional.relu6,
             "leaky_relu": lambda t: functional.leaky_relu(t, param),
             "elu": lambda t: functional.elu(t, param), "silu": functional.silu}[name](z)
 
@@ -101,10 +101,10 @@ def gated64(dy: torch.Tensor, z: torch.Tensor, name: str, param: float) -> torch
 
 
 def tables(x: torch.Tensor, chunk: int, count: int = 3) -> list[torch.Tensor]:
-    """Per-(chunk, channel) tables in the accumulation dtype: scale in [0.5, 1.5), others
-    unit normal."""
+    """Per-(chunk, channel) tables in the accumulation dtype: scale in [0.5, 4.5) (so that
+    pre-activations pass relu6's upper kink), others unit normal."""
     mean, _ = reference.channel_stats(x, chunk)
-    scale = torch.rand_like(mean) + 0.5
+    scale = torch.rand_like(mean) * 4 + 0.5
     return [mean, scale] + [torch.randn_like(mean) for _ in range(count - 2)]
 
 

@@ -23,8 +23,8 @@ import torch
 from batchnorm.kernels import reference
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-ACTIVATIONS = [("identity", 0.0), ("relu", 0.0), ("leaky_relu", 0.2), ("elu", 0.7),
-               ("silu", 0.0)]
+ACTIVATIONS = [("identity", 0.0), ("relu", 0.0), ("relu6", 0.0), ("leaky_relu", 0.2),
+               ("elu", 0.7), ("silu", 0.0)]
 OUTPUT_RTOL = {torch.float32: 2e-5, torch.float64: 1e-12, torch.float16: 1e-3,
                torch.bfloat16: 8e-3}
 
@@ -78,12 +78,13 @@ RESIDUAL_LAYOUTS = ["nchw", "channels-last-ghost-uneven", "strided"]
 
 
 def tables(x: torch.Tensor, chunk: int) -> list[torch.Tensor]:
-    """Statistics of x and affine tables (A, C) in x's accumulation type."""
+    """Statistics of x and affine tables (A, C) in x's accumulation type; scales up to 4.5
+    standard deviations, so that pre-activations pass relu6's upper kink."""
     groups = reference.chunks(x.shape[0], chunk)
     dtype = reference.accumulation_dtype(x.dtype)
     mean, var = reference.channel_stats(x.double(), chunk)
-    scale = (torch.rand(groups, x.shape[1], dtype=torch.float64, device=var.device) + 0.5
-             ) / torch.sqrt(var + 1e-5)
+    scale = (torch.rand(groups, x.shape[1], dtype=torch.float64, device=var.device) * 4
+             + 0.5) / torch.sqrt(var + 1e-5)
     shift = torch.randn(groups, x.shape[1], dtype=torch.float64, device=var.device)
     return [t.to(DEVICE, dtype) for t in (mean, scale, shift)]
 

@@ -13,6 +13,7 @@ TOL = {"atol": 1e-10, "rtol": 1e-10}  # float64 against float64: only rounding d
 
 ACTIVATIONS = [
     ("relu", None, lambda z: nn.functional.relu(z)),
+    ("relu6", None, lambda z: nn.functional.relu6(z)),
     ("leaky_relu", None, lambda z: nn.functional.leaky_relu(z, 0.01)),
     ("leaky_relu", 0.2, lambda z: nn.functional.leaky_relu(z, 0.2)),
     ("elu", None, lambda z: nn.functional.elu(z, 1.0)),
@@ -34,7 +35,7 @@ def test_fused_activation_matches_torch_batchnorm_then_activation(
     ours = cls(3, activation=name, activation_param=param, dtype=torch.float64)
     plain = torch_cls(3, dtype=torch.float64)
     with torch.no_grad():
-        plain.weight.uniform_(-1.5, 1.5, generator=generator)
+        plain.weight.uniform_(-4, 4, generator=generator)  # past relu6's upper kink
         plain.bias.uniform_(-1, 1, generator=generator)
     ours.load_state_dict(plain.state_dict())
     for training in (True, True, False):

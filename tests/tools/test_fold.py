@@ -209,7 +209,7 @@ def test_fold_benchmark_reports_equal_outputs_and_the_three_timings():
 
 @pytest.mark.parametrize("options", [
     {"activation": "relu"}, {"activation": "leaky_relu", "activation_param": 0.2},
-    {"activation": "elu", "activation_param": 0.5}, {"activation": "silu"},
+    {"activation": "elu", "activation_param": 0.5}, {"activation": "silu"}, {"activation": "relu6"},
     {"ghost_batch_size": 4}, {"renorm": True},
 ], ids=lambda options: "-".join(f"{k}={v}" for k, v in options.items()))
 def test_variant_batchnorms_fold_and_keep_their_fused_activation(options):

@@ -36,7 +36,7 @@ constexpr int64_t kFlushRows = 128;
 // Work per parallel task, in values, below which at::parallel_for runs inline.
 constexpr int64_t kGrainValues = 32768;
 
-enum class Activation { identity, relu, leaky_relu, elu, silu };
+enum class Activation { identity, relu, relu6, leaky_relu, elu, silu };
 
 inline double at_least_zero(double value) {
   return value < 0 ? 0.0 : value;  // NaN stays NaN
@@ -99,6 +99,8 @@ inline Vec activation_forward(const Vec& z, const Vec& param) {
   const Vec zero(0);
   if constexpr (A == Activation::relu) {
     return at::vec::maximum(z, zero);  // NaN stays NaN
+  } else if constexpr (A == Activation::relu6) {
+    return at::vec::minimum(at::vec::maximum(z, zero), Vec(6));
   } else if constexpr (A == Activation::leaky_relu) {
     return Vec::blendv(z * param, z, z > zero);
   } else if constexpr (A == Activation::elu) {
@@ -112,13 +114,16 @@ inline Vec activation_forward(const Vec& z, const Vec& param) {
 }
 
 // dy * act'(z): the gradient through the activation, with the reference's choice of
-// act'(z) where z is NaN (relu: 0, leaky_relu: 1).
+// act'(z) where z is NaN (relu, relu6: 0; leaky_relu: 1) and at relu6's kinks (0, as torch's
+// hardtanh_backward).
 template <Activation A, typename Vec>
 inline Vec activation_backward(const Vec& dy, const Vec& z, const Vec& param) {
   const Vec zero(0);
   const Vec one(1);
   if constexpr (A == Activation::relu) {
     return dy * ((z > zero) & one);
+  } else if constexpr (A == Activation::relu6) {
+    return dy * ((z > zero) & (z < Vec(6)) & one);
   } else if constexpr (A == Activation::leaky_relu) {
     return dy * Vec::blendv(one, param, z <= zero);
   } else if constexpr (A == Activation::elu) {
@@ -142,6 +147,8 @@ inline void dispatch_activation(Activation activation, const Body& body) {
       return body(ActivationTag<Activation::identity>{});
     case Activation::relu:
       return body(ActivationTag<Activation::relu>{});
+    case Activation::relu6:
+      return body(ActivationTag<Activation::relu6>{});
     case Activation::leaky_relu:
       return body(ActivationTag<Activation::leaky_relu>{});
     case Activation::elu:
@@ -320,10 +327,11 @@ inline at::ScalarType accumulation_type(at::ScalarType dtype) {
 inline Activation parse_activation(c10::string_view name, const char* op) {
   if (name == "identity") return Activation::identity;
   if (name == "relu") return Activation::relu;
+  if (name == "relu6") return Activation::relu6;
   if (name == "leaky_relu") return Activation::leaky_relu;
   if (name == "elu") return Activation::elu;
   if (name == "silu") return Activation::silu;
-  TORCH_CHECK(false, op, ": activation must be one of identity, relu, leaky_relu, elu, silu; got '",
+  TORCH_CHECK(false, op, ": activation must be one of identity, relu, relu6, leaky_relu, elu, silu; got '",
               std::string(name.data(), name.size()), "'");
 }
 

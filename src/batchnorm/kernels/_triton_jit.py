@@ -21,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-ACTIVATION_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "elu": 3, "silu": 4}
+ACTIVATION_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "elu": 3, "silu": 4, "relu6": 5}
 
 
 @triton.jit
@@ -34,6 +34,8 @@ def _activate(z, ACTIVATION: tl.constexpr, param):
         z = tl.where(z > 0, z, (tl.exp(z) - 1.0) * param)
     elif ACTIVATION == 4:
         z = z * tl.sigmoid(z)
+    elif ACTIVATION == 5:
+        z = tl.where(z < 0, 0.0, tl.where(z > 6, 6.0, z))  # a NaN stays NaN
     return z
 
 
@@ -49,6 +51,8 @@ def _gate(dy, z, ACTIVATION: tl.constexpr, param):
     elif ACTIVATION == 4:
         s = tl.sigmoid(z)
         dy = dy * (s * (1.0 + z * (1.0 - s)))
+    elif ACTIVATION == 5:
+        dy = tl.where((z > 0) & (z < 6), dy, 0.0)
     return dy
 
 

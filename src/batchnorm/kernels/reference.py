@@ -34,7 +34,7 @@ import math
 import torch
 from torch import Tensor
 
-ACTIVATIONS = ("identity", "relu", "leaky_relu", "elu", "silu")
+ACTIVATIONS = ("identity", "relu", "relu6", "leaky_relu", "elu", "silu")
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -49,6 +49,8 @@ def _acc(t: Tensor) -> Tensor:
 def activation_forward(z: Tensor, name: str, param: float) -> Tensor:
     if name == "relu":
         return torch.relu(z)
+    if name == "relu6":
+        return torch.nn.functional.relu6(z)
     if name == "leaky_relu":
         return torch.where(z > 0, z, z * param)
     if name == "elu":
@@ -62,6 +64,8 @@ def activation_grad(z: Tensor, name: str, param: float) -> Tensor:
     """d act / dz, from the pre-activation z (recomputed in backward, never saved)."""
     if name == "relu":
         return (z > 0).to(z.dtype)
+    if name == "relu6":
+        return ((z > 0) & (z < 6)).to(z.dtype)
     if name == "leaky_relu":
         return torch.ones_like(z).masked_fill_(z <= 0, param)
     if name == "elu":

@@ -40,7 +40,7 @@ class _BatchNormForward:
     the variant options.
 
     Keyword-only options (all off by default):
-      activation, activation_param: fused ``"relu" | "leaky_relu" | "elu" | "silu"``.
+      activation, activation_param: fused ``"relu" | "relu6" | "leaky_relu" | "elu" | "silu"``.
       ghost_batch_size: in training, each chunk of that many samples is normalized with its
         own statistics; the running statistics follow the pooled chunk statistics.
       renorm, renorm_clipping, renorm_momentum: Batch Renormalization; the clipping is a

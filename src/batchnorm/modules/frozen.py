@@ -32,6 +32,7 @@ _STATE = ("weight", "bias", "running_mean", "running_var")
 _ACTIVATIONS = {
     "identity": lambda z, param: z,
     "relu": lambda z, param: TF.relu(z),
+    "relu6": lambda z, param: TF.relu6(z),
     "leaky_relu": lambda z, param: TF.leaky_relu(z, param),
     "elu": lambda z, param: TF.elu(z, param),
     "silu": lambda z, param: TF.silu(z),
