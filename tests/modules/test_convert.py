@@ -105,7 +105,8 @@ def test_batch_norm_on_a_middle_axis_matches_moving_that_axis_to_dim_1():
 
 
 # -- fused activations on revert -------------------------------------------------------------
-ACTIVATIONS = [({"activation": "relu"}, nn.ReLU), ({"activation": "silu"}, nn.SiLU),
+ACTIVATIONS = [({"activation": "relu"}, nn.ReLU), ({"activation": "relu6"}, nn.ReLU6),
+               ({"activation": "silu"}, nn.SiLU),
                ({"activation": "leaky_relu", "activation_param": 0.2}, nn.LeakyReLU),
                ({"activation": "elu", "activation_param": 0.5}, nn.ELU)]
 
@@ -164,6 +165,79 @@ def test_reverted_model_keeps_its_activation_through_torch_conv_bn_fusion():
     torch.testing.assert_close(fused(x), expected, rtol=1e-10, atol=1e-10)
 
 
+# -- fuse_activations ------------------------------------------------------------------------
+def _fusable_model() -> nn.Module:
+    """BatchNorm -> activation pairs of each fusable kind (one nested), a BatchNorm followed
+    by a Linear and a GroupNorm -> ReLU pair, neither of which fuses."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(6, 8), nn.BatchNorm1d(8), nn.LeakyReLU(0.2),
+        nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ELU(0.5),
+        nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ReLU6(inplace=True)),
+        nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 8),
+        nn.Unflatten(1, (8, 1)), nn.GroupNorm(2, 8), nn.ReLU(), nn.Flatten(),
+        nn.BatchNorm1d(8), nn.SiLU(), nn.Linear(8, 3)).double()
+    with torch.no_grad():  # pre-activations past relu6's kinks and in elu's negative branch
+        for layer in model.modules():
+            if isinstance(layer, nn.BatchNorm1d):
+                layer.weight.uniform_(-4, 4)
+                layer.bias.uniform_(-1, 1)
+    return model
+
+
+def test_convert_fuses_batchnorm_activation_pairs_of_sequentials_exactly():
+    reference = _fusable_model()
+    ours = batchnorm.convert(copy.deepcopy(reference), fuse_activations=True)
+    fused = {name: (m.activation, m.activation_param) for name, m in ours.named_modules()
+             if getattr(m, "activation", None)}
+    assert fused == {"1": ("leaky_relu", 0.2), "4": ("elu", 0.5), "6.1": ("relu6", None),
+                     "14": ("silu", None)}
+    assert [name for name, m in ours.named_modules() if type(m) is nn.Identity] == \
+        ["2", "5", "6.2", "15"]
+    assert type(ours[12]) is nn.ReLU  # after a GroupNorm: not fused
+    assert list(ours.state_dict()) == list(reference.state_dict())
+    for step in range(3):  # outputs, gradients and running statistics over several steps
+        x = torch.randn(16, 6, dtype=torch.float64,
+                        generator=torch.Generator().manual_seed(step)) * 2 + 3
+        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y_ours, y_ref = ours(a), reference(b)
+        torch.testing.assert_close(y_ours, y_ref, rtol=1e-10, atol=1e-10)
+        y_ours.square().sum().backward()
+        y_ref.square().sum().backward()
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-10)
+    for (name, p_ours), (_, p_ref) in zip(ours.named_parameters(), reference.named_parameters(),
+                                          strict=True):
+        torch.testing.assert_close(p_ours.grad, p_ref.grad, rtol=1e-10, atol=1e-10, msg=name)
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[key], value, rtol=1e-12, atol=0, msg=key)
+    x = torch.randn(4, 6, dtype=torch.float64) * 2 + 3
+    torch.testing.assert_close(ours.eval()(x), reference.eval()(x), rtol=1e-10, atol=1e-10)
+
+
+def test_convert_fuses_nothing_by_default_nor_pairs_with_hooks():
+    assert not any(type(m) is nn.Identity for m in batchnorm.convert(_fusable_model()).modules())
+    model = _fusable_model()
+    model[2].register_forward_hook(lambda *args: None)  # on the activation
+    model[4].register_forward_hook(lambda *args: None)  # on the BatchNorm
+    model[6][1].register_full_backward_hook(lambda *args: None)
+    batchnorm.convert(model, fuse_activations=True)
+    assert [type(m) for m in (model[2], model[5], model[6][2], model[15])] == \
+        [nn.LeakyReLU, nn.ELU, nn.ReLU6, nn.Identity]
+
+
+def test_revert_puts_fused_activations_back_in_their_sequential():
+    reference = _fusable_model()
+    model = batchnorm.convert(copy.deepcopy(reference), fuse_activations=True)
+    model[15] = nn.Tanh()  # an Identity replaced after fusing: that layer keeps its SiLU
+    reverted = batchnorm.revert(model)
+    assert [type(m) for m in (reverted[1], reverted[2], reverted[4], reverted[5],
+                              reverted[6][1], reverted[6][2])] == \
+        [nn.BatchNorm1d, nn.LeakyReLU, nn.BatchNorm1d, nn.ELU, nn.BatchNorm1d, nn.ReLU6]
+    assert reverted[2].negative_slope == 0.2 and reverted[6][2].inplace
+    assert isinstance(reverted[14], nn.Sequential) and type(reverted[14][1]) is nn.SiLU
+    assert not any(hasattr(m, "activation") for m in reverted.modules())
+
+
 # -- norm subclasses from the ecosystem ------------------------------------------------------
 def _assert_same_layer_behaviour(original: nn.Module, converted: nn.Module,
                                  shape: tuple[int, ...]) -> None:
@@ -184,6 +258,7 @@ def _assert_same_layer_behaviour(original: nn.Module, converted: nn.Module,
 
 NORM_ACT = [({}, {"activation": "relu"}),
             ({"act_layer": nn.SiLU}, {"activation": "silu"}),
+            ({"act_layer": nn.ReLU6}, {"activation": "relu6"}),
             ({"act_layer": nn.LeakyReLU, "act_kwargs": {"negative_slope": 0.2}},
              {"activation": "leaky_relu", "activation_param": 0.2}),
             ({"act_layer": nn.ELU, "act_kwargs": {"alpha": 0.5}},
@@ -193,7 +268,8 @@ NORM_ACT = [({}, {"activation": "relu"}),
 
 
 @pytest.mark.parametrize(("kwargs", "fused"), NORM_ACT,
-                         ids=["relu", "silu", "leaky_relu", "elu", "no-act", "inplace-relu"])
+                         ids=["relu", "silu", "relu6", "leaky_relu", "elu", "no-act",
+                              "inplace-relu"])
 def test_convert_maps_a_norm_act_layer_to_our_fused_activation(kwargs, fused):
     from lookalikes import BatchNormAct2d
 

@@ -8,18 +8,27 @@ has a faithful equivalent, recognized by its class name and attributes and then 
 by running both on a probe input in training and eval mode:
 
 * timm's ``BatchNormAct2d`` (BatchNorm2d, then ``drop``, then ``act``) with no drop layer
-  and a ReLU/LeakyReLU/ELU/SiLU/Identity ``act`` -> :class:`BatchNorm2d` with that fused
+  and a ReLU/ReLU6/LeakyReLU/ELU/SiLU/Identity ``act`` -> :class:`BatchNorm2d` with that fused
   activation;
 * timm's and torchvision's ``LayerNorm2d`` (LayerNorm over the channels of NCHW input) ->
   :class:`batchnorm.modules.layernorm2d.LayerNorm2d`.
 
 Every other normalization layer is left as it is and named, with the reason, in a warning.
+
+``convert(model, fuse_activations=True)`` also fuses each BatchNorm that an
+``nn.Sequential`` runs straight into a ReLU/ReLU6/LeakyReLU/ELU/SiLU: the layer computes
+the activation and the activation's place holds an ``nn.Identity``, as
+``torch.ao.quantization.fuse_modules`` leaves it. Opt-in because it changes what a hook on
+the BatchNorm, or a feature extractor reading its output, sees; pairs where either module
+has hooks stay apart. :func:`revert` puts the activation back.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -42,9 +51,10 @@ _OURS = (batchnorm._BatchNormForward, instancenorm._InstanceNormForward,
          normalization.GroupNorm, normalization.LayerNorm)
 # Fused activation name -> (torch.nn module, the attribute holding its parameter)
 _ACTIVATION_MODULES: dict[str, tuple[type[nn.Module], str | None]] = {
-    "relu": (nn.ReLU, None), "silu": (nn.SiLU, None),
+    "relu": (nn.ReLU, None), "relu6": (nn.ReLU6, None), "silu": (nn.SiLU, None),
     "leaky_relu": (nn.LeakyReLU, "negative_slope"), "elu": (nn.ELU, "alpha")}
 _ORIGIN = "_reverts_to"  # (class, children) of a converted ecosystem layer
+_FUSED = "_fused_from"  # the activation module a fused BatchNorm replaced in its Sequential
 _PROBE_TOLERANCE = 1e-6  # float64 probe: exact equivalents agree to rounding
 
 __all__ = ["activation_module", "convert", "revert"]
@@ -234,14 +244,59 @@ def _swap_all(module: nn.Module, swap: Any, what: str) -> nn.Module:
     return module
 
 
-def convert(module: nn.Module) -> nn.Module:
+def _has_hooks(module: nn.Module) -> bool:
+    return any(getattr(module, hooks) for hooks in (
+        "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"))
+
+
+def _sequential_pairs(module: nn.Module) -> Iterator[tuple[dict[str, Any], str, str]]:
+    """``(children, name, next_name)`` for each pair of adjacent children of every
+    Sequential in ``module`` (``children`` is its ``_modules``: assign to replace one)."""
+    for sequential in module.modules():
+        if isinstance(sequential, nn.Sequential):
+            for name, next_name in itertools.pairwise(list(sequential._modules)):
+                yield sequential._modules, name, next_name
+
+
+def _fuse_activations(module: nn.Module) -> None:
+    """Fuse each of our BatchNorms that a Sequential runs straight into an activation with
+    a fused equivalent (see the module docstring)."""
+    for children, name, next_name in _sequential_pairs(module):
+        layer, act = children[name], children[next_name]
+        if not isinstance(layer, batchnorm._BatchNormForward) or layer.activation \
+                or type(act) is nn.Identity or _has_hooks(layer) or _has_hooks(act):
+            continue
+        options = _fused_options(act)
+        if options is not None:
+            layer.__dict__.update(options)
+            layer.__dict__[_FUSED] = act
+            children[next_name] = nn.Identity()
+
+
+def _unfuse_activations(module: nn.Module) -> None:
+    """Undo :func:`_fuse_activations` where the Identity still holds the activation's
+    place (elsewhere the layer reverts as any fused one does)."""
+    for children, name, next_name in _sequential_pairs(module):
+        layer = children[name]
+        act = layer.__dict__.pop(_FUSED, None)
+        if act is not None and type(children[next_name]) is nn.Identity:
+            for attribute in ("activation", "activation_param"):  # back to the class's None
+                layer.__dict__.pop(attribute)
+            children[next_name] = act
+
+
+def convert(module: nn.Module, *, fuse_activations: bool = False) -> nn.Module:
     """Replace every ``torch.nn`` BatchNorm/InstanceNorm/GroupNorm/LayerNorm (exact
     classes, lazy ones included) and every recognized subclass (see the module docstring)
     in ``module`` by its batchnorm counterpart, in place; warns naming each normalization
-    layer left as it is, with the reason.
+    layer left as it is, with the reason. ``fuse_activations`` also fuses BatchNorm ->
+    activation pairs of Sequentials into one layer (see the module docstring).
 
     Returns the module (a new object only when ``module`` itself is a norm layer)."""
-    return _swap_all(module, _convert_one, "convert")
+    module = _swap_all(module, _convert_one, "convert")
+    if fuse_activations:
+        _fuse_activations(module)
+    return module
 
 
 def revert(module: nn.Module) -> nn.Module:
@@ -252,5 +307,7 @@ def revert(module: nn.Module) -> nn.Module:
     (its state_dict keys gain a ``0.`` level), so that torch's tools that only know
     torch's BatchNorm (``torch.nn.utils.fusion.fuse_conv_bn_eval``, fx's ``fuse``) keep
     the activation: given our layer directly they would drop it. :func:`batchnorm.fold`
-    folds our layers and keeps their activation without a revert."""
+    folds our layers and keeps their activation without a revert. Activations that
+    ``convert(fuse_activations=True)`` fused go back to their place in the Sequential."""
+    _unfuse_activations(module)
     return _swap_all(module, _revert_one, "revert")
