@@ -48,13 +48,18 @@ def test_quick_tiny_run_writes_json_and_markdown_for_every_case_and_model(tmp_pa
     assert fixed_cost["threads"] == 1 and fixed_cost["shape"] == [8, 16]
     assert {group["group"] for group in report["layers_summary"]} == \
         {case.group for case in TINY}
-    expected = [(case.name, layout, "eager") for case in training.TINY_MODELS
-                for layout in case.layouts]
+    expected = [(case.name, layout, mode) for case in training.TINY_MODELS
+                for layout in case.layouts for mode in ("eager", "eager, fused activations")]
     assert [(row["model"], row["layout"], row["mode"]) for row in report["models"]] == expected
     for row in report["models"]:
         _assert_ratio(row["speedup"], row["torch_ms"], row["ours_ms"])
+    fused = {row["model"]: row["note"] for row in report["models"]
+             if row["mode"] == "eager, fused activations" and row["layout"] == "contiguous"}
+    assert fused["TF tutorial MLP (7 layers, leaky ReLU)"] == "6 activation(s) fused"
+    assert fused["Hands-On ML MLP (300-100, ELU)"] == "0 activation(s) fused"  # BN after ELU
     assert {(group["mode"], group["layout"]) for group in report["models_summary"]} == \
-        {("eager", "contiguous"), ("eager", "channels_last")}
+        {(mode, layout) for mode in ("eager", "eager, fused activations")
+         for layout in ("contiguous", "channels_last")}
     info = report["machine"]
     assert info["torch_threads"] >= 1 and info["cores"] >= 1 and info["torch"]
     assert set(info["load_average"]) == {"before", "after"}
@@ -80,18 +85,21 @@ def test_a_compiled_row_is_compiled_before_its_rounds_are_timed(tmp_path):
 
 
 def test_a_model_group_compiles_every_variant_before_timing_them_all():
-    """torch.nn and converted, eager and compiled, and converted compiled with our layers
-    kept as operators (not decomposed): all compiled before the first timed round."""
+    """torch.nn and converted (also with fused activations), eager and compiled, and
+    converted compiled with our layers kept as operators (not decomposed): all compiled
+    before the first timed round."""
     no_norm = training.ModelCase("linear", lambda: torch.nn.Linear(6, 3), (4, 6), 3)
     compiler = measure.Compiler(budget_s=120, backend="eager")
     rows = training.run(no_norm, "contiguous", compiler, rounds=3, warmup=0,
                         min_round_s=0, limits=measure.Limits())
-    assert [row["mode"] for row in rows] == ["eager", "compile", "compile, operators"]
+    assert [row["mode"] for row in rows] == ["eager", "eager, fused activations", "compile",
+                                             "compile, operators"]
     for row in rows:
         assert row["graphs_compiled_while_timing"] == 0
         assert set(row["rounds_ms"]) == {"torch", "ours"}
         _assert_ratio(row["speedup"], row["torch_ms"], row["ours_ms"])
-    assert rows[1]["note"].count("compiled in") == 2
+    assert rows[1]["note"] == "0 activation(s) fused"
+    assert rows[2]["note"].count("compiled in") == 2
 
 
 def test_sections_select_what_runs_and_the_rest_is_marked_skipped(tmp_path):

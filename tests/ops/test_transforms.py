@@ -64,6 +64,13 @@ def test_compile_fullgraph_matches_torch_nn_with_no_graph_breaks(training, decom
     # InstanceNorm (chunks of one sample) is a variant: an operator either way
     assert ("batchnorm.batch_norm.default" in targets) is True
     assert ("batchnorm.layer_norm.default" in targets) is not decompose
+    _assert_compiled_matches(ours, reference, x, training)
+
+
+def _assert_compiled_matches(ours: nn.Module, reference: nn.Module, x: torch.Tensor,
+                             training: bool) -> None:
+    """``ours`` compiled with fullgraph=True against eager ``reference`` over two steps:
+    outputs, buffers and (training) parameter gradients."""
     compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
     for _ in range(2):  # running statistics over two steps
         y_ours, y_ref = compiled(x), reference(x)
@@ -76,6 +83,17 @@ def test_compile_fullgraph_matches_torch_nn_with_no_graph_breaks(training, decom
         for (name, a), (_, b) in zip(ours.named_parameters(), reference.named_parameters(),
                                      strict=True):
             torch.testing.assert_close(a.grad, b.grad, msg=name, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("decompose", [True, False], ids=["decomposed", "operators"])
+def test_compiled_fused_activations_match_torch_nn(decompose, monkeypatch):
+    """convert(fuse_activations=True): the BatchNorm -> ReLU pair is one layer, which
+    compiles without breaks both ways."""
+    monkeypatch.setattr(batchnorm.functional, "DECOMPOSE_UNDER_COMPILE", decompose)
+    reference = _model()
+    ours = batchnorm.convert(copy.deepcopy(reference), fuse_activations=True)
+    assert (ours[1].activation, type(ours[2])) == ("relu", nn.Identity)
+    _assert_compiled_matches(ours, reference, _input(), training=True)
 
 
 def test_export_is_told_from_the_flag_not_is_exporting(monkeypatch):

@@ -1,9 +1,11 @@
 """End-to-end rows: training steps (forward, cross-entropy, backward, SGD step) of real
 architectures built from ``torch.nn`` layers vs :func:`batchnorm.convert` of a copy of
-the same model, eager and under torch.compile, contiguous (NCHW) and channels_last.
+the same model, eager and under torch.compile, contiguous (NCHW) and channels_last; eager
+also with ``convert(fuse_activations=True)`` (the same model as the plain conversion when
+no Sequential runs a BatchNorm into an activation).
 
-The four variants of one (model, layout) run in the same interleaved rounds; the
-compiled ones are compiled and warmed up before the first timed round."""
+The variants of one (model, layout) run in the same interleaved rounds; the compiled
+ones are compiled and warmed up before the first timed round."""
 
 from __future__ import annotations
 
@@ -86,12 +88,13 @@ def run(case: ModelCase, layout: str, compiler: measure.Compiler, rounds: int, w
 
     def variant(implementation: str) -> nn.Module:
         model = copy.deepcopy(reference)
-        if implementation == "ours":
-            model = batchnorm.convert(model)
+        if implementation != "torch":
+            model = batchnorm.convert(model, fuse_activations=implementation == "fused")
         return model.to(device, memory_format=memory_format).train()
 
-    steps = {f"eager {name}": training_step(variant(name), x, target)
-             for name in ("torch", "ours")}
+    eager = {name: variant(name) for name in ("torch", "ours", "fused")}
+    steps = {f"eager {name}": training_step(model, x, target) for name, model in eager.items()}
+    fused = sum(bool(getattr(layer, "activation", None)) for layer in eager["fused"].modules())
 
     def compiled_step(implementation: str) -> measure.Step:
         step = training_step(compiler.compile(variant(implementation.split()[0])), x, target)
@@ -111,6 +114,7 @@ def run(case: ModelCase, layout: str, compiler: measure.Compiler, rounds: int, w
     steps.update(compiled)
     timed = measure.interleaved_rounds(steps, rounds, warmup, min_round_s)
     pairs = {"eager": ("eager torch", "eager ours"),
+             "eager, fused activations": ("eager torch", "eager fused"),
              "compile": ("compile torch", "compile ours"),
              "compile, operators": ("compile torch", "compile ours operators")}
     return [{"model": case.name, "input_shape": list(case.input_shape), "layout": layout,
@@ -120,10 +124,11 @@ def run(case: ModelCase, layout: str, compiler: measure.Compiler, rounds: int, w
              "rounds_ms": {"torch": timed.rounds_ms().get(torch_name),
                            "ours": timed.rounds_ms().get(ours_name)},
              "graphs_compiled_while_timing": timed.graphs_compiled,
-             "note": "" if mode == "eager" else
+             "note": "" if mode == "eager" else f"{fused} activation(s) fused"
+             if mode.startswith("eager") else
              f"torch.nn {notes['compile torch']}; converted {notes[ours_name]}"}
             for mode, (torch_name, ours_name) in pairs.items()
-            if compiler.enabled or mode == "eager"]
+            if compiler.enabled or mode.startswith("eager")]
 
 
 def run_all(cases: list[ModelCase], compiler: measure.Compiler, rounds: int, warmup: int,
