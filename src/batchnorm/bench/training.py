@@ -10,9 +10,11 @@ ones are compiled and warmed up before the first timed round."""
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +22,7 @@ from torch import nn
 
 import batchnorm
 from batchnorm.bench import measure, models, report
+from batchnorm.bench.report import ms
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,44 @@ def training_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> me
     return step
 
 
+# Profiler names of the normalization operators and autograd nodes, torch.nn's and ours.
+_NORM_KEYS = ("batch_norm", "layer_norm", "group_norm", "BatchNorm", "LayerNorm", "GroupNorm",
+              "running_stats")
+
+
+def _is_norm(event: Any) -> bool:
+    return any(key in event.name for key in _NORM_KEYS)
+
+
+def norm_time(step: measure.Step, calls: int = 2) -> tuple[float, float]:
+    """``(normalization ms, step ms)`` per training step, from ``calls`` profiled steps: the
+    wall time of the outermost normalization operators and autograd nodes (not the Python
+    around them), and of the whole step. The step cannot get faster than
+    ``step / (step - normalization)`` by changing its normalization layers alone."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        start = time.perf_counter()
+        for _ in range(calls):
+            step()
+        elapsed_ms = (time.perf_counter() - start) * 1e3
+    norm_us = 0.0
+    for event in profile.events():
+        parent = event.cpu_parent
+        while parent is not None and not _is_norm(parent):
+            parent = parent.cpu_parent
+        if parent is None and _is_norm(event):
+            norm_us += event.cpu_time_total
+    return norm_us / 1e3 / calls, elapsed_ms / calls
+
+
+def _norm_note(times: dict[str, tuple[float, float]] | None) -> str:
+    if times is None:
+        return ""
+    (torch_norm, torch_step), (ours_norm, _) = times["torch"], times["ours"]
+    return (f"normalization operators: torch.nn {ms(torch_norm)} ms "
+            f"({torch_norm / torch_step:.1%} of its step, so at most "
+            f"{torch_step / (torch_step - torch_norm):.2f}x by them), ours {ms(ours_norm)} ms")
+
+
 def run(case: ModelCase, layout: str, compiler: measure.Compiler, rounds: int, warmup: int,
         min_round_s: float, limits: measure.Limits, device: str | torch.device = "cpu"
         ) -> list[dict[str, object]]:
@@ -94,6 +135,9 @@ def run(case: ModelCase, layout: str, compiler: measure.Compiler, rounds: int, w
 
     eager = {name: variant(name) for name in ("torch", "ours", "fused")}
     steps = {f"eager {name}": training_step(model, x, target) for name, model in eager.items()}
+    # on a GPU the CPU's operator time is not the step's
+    times = {name: norm_time(steps[f"eager {name}"]) for name in ("torch", "ours")} \
+        if torch.device(device).type == "cpu" else None
     fused = sum(bool(getattr(layer, "activation", None)) for layer in eager["fused"].modules())
 
     def compiled_step(implementation: str) -> measure.Step:
@@ -124,7 +168,9 @@ def run(case: ModelCase, layout: str, compiler: measure.Compiler, rounds: int, w
              "rounds_ms": {"torch": timed.rounds_ms().get(torch_name),
                            "ours": timed.rounds_ms().get(ours_name)},
              "graphs_compiled_while_timing": timed.graphs_compiled,
-             "note": "" if mode == "eager" else f"{fused} activation(s) fused"
+             "norm_ms": None if times is None else
+             {name: times[name][0] for name in ("torch", "ours")},
+             "note": _norm_note(times) if mode == "eager" else f"{fused} activation(s) fused"
              if mode.startswith("eager") else
              f"torch.nn {notes['compile torch']}; converted {notes[ours_name]}"}
             for mode, (torch_name, ours_name) in pairs.items()
