@@ -86,3 +86,24 @@ def test_a_converted_copy_computes_the_torch_models_loss_and_trains(case):
     after = list(converted.parameters())
     assert all(torch.isfinite(p).all() for p in after)
     assert any(not torch.equal(old, new) for old, new in zip(before, after, strict=True))
+
+
+def test_variants_run_their_copies_in_turn():
+    calls = []
+    step = training._in_turn([lambda copy=copy: calls.append(copy) for copy in range(3)])
+    for _ in range(7):
+        step()
+    assert calls == [0, 1, 2, 0, 1, 2, 0]
+
+
+@pytest.mark.parametrize("convert", [False, True], ids=["torch.nn", "ours"])
+def test_norm_time_counts_the_normalization_operators_and_nothing_else(convert):
+    torch.manual_seed(0)
+    x, target = torch.randn(16, 6), torch.randint(3, (16,))
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    if convert:
+        batchnorm.convert(model)
+    norm_ms, step_ms = training.norm_time(training.training_step(model, x, target))
+    assert 0 < norm_ms < step_ms
+    no_norm = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    assert training.norm_time(training.training_step(no_norm, x, target))[0] == 0

@@ -4,12 +4,14 @@ the same model, eager and under torch.compile, contiguous (NCHW) and channels_la
 also with ``convert(fuse_activations=True)`` (the same model as the plain conversion when
 no Sequential runs a BatchNorm into an activation).
 
-The variants of one (model, layout) run in the same interleaved rounds; the compiled
-ones are compiled and warmed up before the first timed round."""
+The variants of one (model, layout) run in the same interleaved rounds, each as
+:data:`COPIES` copies used in turn; the compiled ones are compiled and warmed up before the
+first timed round."""
 
 from __future__ import annotations
 
 import copy
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -85,10 +87,12 @@ def _is_norm(event: Any) -> bool:
 
 
 def norm_time(step: measure.Step, calls: int = 2) -> tuple[float, float]:
-    """``(normalization ms, step ms)`` per training step, from ``calls`` profiled steps: the
-    wall time of the outermost normalization operators and autograd nodes (not the Python
-    around them), and of the whole step. The step cannot get faster than
+    """``(normalization ms, step ms)`` per training step, from ``calls`` profiled steps after
+    as many unprofiled ones: the wall time of the outermost normalization operators and
+    autograd nodes (not the Python around them), and of the whole step. The step cannot get faster than
     ``step / (step - normalization)`` by changing its normalization layers alone."""
+    for _ in range(calls):  # the first steps allocate the optimizer's state
+        step()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
         start = time.perf_counter()
         for _ in range(calls):
@@ -113,6 +117,21 @@ def _norm_note(times: dict[str, tuple[float, float]] | None) -> str:
             f"{torch_step / (torch_step - torch_norm):.2f}x by them), ours {ms(ours_norm)} ms")
 
 
+COPIES = 3
+"""Copies of each variant, used in turn, one per call: identical copies of one torch.nn
+model, timed interleaved, differ by up to 5 % (their memory placement), which a ratio of
+two single copies would take for a difference of the implementations."""
+
+
+def _in_turn(steps: list[measure.Step]) -> measure.Step:
+    """One step that runs the next of ``steps`` at each call."""
+    calls = itertools.count()
+
+    def step() -> object:
+        return steps[next(calls) % len(steps)]()
+    return step
+
+
 def run(case: ModelCase, layout: str, compiler: measure.Compiler, rounds: int, warmup: int,
         min_round_s: float, limits: measure.Limits, device: str | torch.device = "cpu"
         ) -> list[dict[str, object]]:
@@ -133,15 +152,19 @@ def run(case: ModelCase, layout: str, compiler: measure.Compiler, rounds: int, w
             model = batchnorm.convert(model, fuse_activations=implementation == "fused")
         return model.to(device, memory_format=memory_format).train()
 
-    eager = {name: variant(name) for name in ("torch", "ours", "fused")}
-    steps = {f"eager {name}": training_step(model, x, target) for name, model in eager.items()}
+    def copies(implementation: str, compiled: bool = False) -> measure.Step:
+        models = [variant(implementation) for _ in range(COPIES)]
+        return _in_turn([training_step(compiler.compile(model) if compiled else model, x,
+                                       target) for model in models])
+
+    steps = {f"eager {name}": copies(name) for name in ("torch", "ours", "fused")}
     # on a GPU the CPU's operator time is not the step's
-    times = {name: norm_time(steps[f"eager {name}"]) for name in ("torch", "ours")} \
+    times = {name: norm_time(steps[f"eager {name}"], calls=COPIES) for name in ("torch", "ours")} \
         if torch.device(device).type == "cpu" else None
-    fused = sum(bool(getattr(layer, "activation", None)) for layer in eager["fused"].modules())
+    fused = sum(bool(getattr(layer, "activation", None)) for layer in variant("fused").modules())
 
     def compiled_step(implementation: str) -> measure.Step:
-        step = training_step(compiler.compile(variant(implementation.split()[0])), x, target)
+        step = copies(implementation.split()[0], compiled=True)
         if implementation == "torch" or implementation == "ours":
             return step
 
@@ -154,7 +177,8 @@ def run(case: ModelCase, layout: str, compiler: measure.Compiler, rounds: int, w
         return with_operators
 
     compiled, notes = compiler.warm_up({f"compile {name}": partial(compiled_step, name)
-                                        for name in ("torch", "ours", "ours operators")})
+                                        for name in ("torch", "ours", "ours operators")},
+                                       calls=2 * COPIES)
     steps.update(compiled)
     timed = measure.interleaved_rounds(steps, rounds, warmup, min_round_s)
     pairs = {"eager": ("eager torch", "eager ours"),
