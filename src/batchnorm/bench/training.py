@@ -89,8 +89,8 @@ def _is_norm(event: Any) -> bool:
 def norm_time(step: measure.Step, calls: int = 2) -> tuple[float, float]:
     """``(normalization ms, step ms)`` per training step, from ``calls`` profiled steps after
     as many unprofiled ones: the wall time of the outermost normalization operators and
-    autograd nodes (not the Python around them), and of the whole step. The step cannot get faster than
-    ``step / (step - normalization)`` by changing its normalization layers alone."""
+    autograd nodes (not the Python around them), and of the whole step. The step cannot
+    get faster than ``step / (step - normalization)`` by its normalization layers alone."""
     for _ in range(calls):  # the first steps allocate the optimizer's state
         step()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
