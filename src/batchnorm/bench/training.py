@@ -152,19 +152,19 @@ def run(case: ModelCase, layout: str, compiler: measure.Compiler, rounds: int, w
             model = batchnorm.convert(model, fuse_activations=implementation == "fused")
         return model.to(device, memory_format=memory_format).train()
 
-    def copies(implementation: str, compiled: bool = False) -> measure.Step:
-        models = [variant(implementation) for _ in range(COPIES)]
-        return _in_turn([training_step(compiler.compile(model) if compiled else model, x,
-                                       target) for model in models])
+    def in_turn(models: list[nn.Module]) -> measure.Step:
+        return _in_turn([training_step(model, x, target) for model in models])
 
-    steps = {f"eager {name}": copies(name) for name in ("torch", "ours", "fused")}
+    eager = {name: [variant(name) for _ in range(COPIES)] for name in ("torch", "ours", "fused")}
+    steps = {f"eager {name}": in_turn(models) for name, models in eager.items()}
     # on a GPU the CPU's operator time is not the step's
     times = {name: norm_time(steps[f"eager {name}"], calls=COPIES) for name in ("torch", "ours")} \
         if torch.device(device).type == "cpu" else None
-    fused = sum(bool(getattr(layer, "activation", None)) for layer in variant("fused").modules())
+    fused = sum(bool(getattr(layer, "activation", None)) for layer in eager["fused"][0].modules())
 
     def compiled_step(implementation: str) -> measure.Step:
-        step = copies(implementation.split()[0], compiled=True)
+        step = in_turn([compiler.compile(variant(implementation.split()[0]))
+                        for _ in range(COPIES)])
         if implementation == "torch" or implementation == "ours":
             return step
 
