@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-ACTIVATIONS = ("identity", "relu", "relu6", "leaky_relu", "elu", "silu")
 _DEFAULT_PARAM = {"identity": 0.0, "relu": 0.0, "relu6": 0.0, "leaky_relu": 0.01, "elu": 1.0,
                   "silu": 0.0}
+ACTIVATIONS = tuple(_DEFAULT_PARAM)
 
 
 @dataclass(frozen=True)

@@ -34,8 +34,6 @@ import math
 import torch
 from torch import Tensor
 
-ACTIVATIONS = ("identity", "relu", "relu6", "leaky_relu", "elu", "silu")
-
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float16/bfloat16 accumulate in float32; float32 and float64 in themselves."""
