@@ -49,10 +49,10 @@ def test_aten_sends_the_plain_layers_to_torch_kernels_and_keeps_the_primitives()
     """torch's kernels for the plain layers only where asked for; the variants keep the
     device's primitives (the C++ ones here, as without forcing)."""
     x = torch.randn(4, 3)
-    assert not kernels.native(x)
+    assert not kernels.native()
     default = kernels.primitives(x)
     with kernels.use_backend("aten"):
-        assert kernels.native(x)
+        assert kernels.native()
         assert kernels.primitives(x) is default
     with kernels.use_backend("torch"):
-        assert not kernels.native(x)
+        assert not kernels.native()

@@ -90,8 +90,8 @@ def primitives(x: torch.Tensor) -> ModuleType:
     return reference
 
 
-def native(x: torch.Tensor) -> bool:
-    """Whether plain BatchNorm/InstanceNorm/GroupNorm/LayerNorm of ``x`` run on torch's own
-    kernels (:mod:`batchnorm.ops.native` also checks that they can): when ``aten`` is
-    forced."""
+def native() -> bool:
+    """Whether plain BatchNorm/InstanceNorm/GroupNorm/LayerNorm run on torch's own kernels
+    (:mod:`batchnorm.ops.native` also checks that they can): when ``aten`` is forced, on any
+    device."""
     return _forced == "aten"

@@ -32,7 +32,7 @@ def handles(input: Tensor, *tensors: Tensor | None, channels_last: bool = True) 
     sends plain layers, and where they compute exactly what the composite would: float32/
     float64 input whose parameters and statistics share its dtype, in memory the kernels
     return their results in (contiguous, or channels-last where ``channels_last`` allows)."""
-    if not kernels.native(input) or input.dtype not in _DTYPES or input.numel() == 0:
+    if not kernels.native() or input.dtype not in _DTYPES or input.numel() == 0:
         return False
     if any(t is not None and t.dtype != input.dtype for t in tensors):
         return False
