@@ -17,7 +17,7 @@ from torch import Tensor
 from batchnorm import ops
 from batchnorm.core import decomposed, normalize
 from batchnorm.core.activation import make_activation
-from batchnorm.core.policy import RENORM_KEYS
+from batchnorm.core.policy import RENORM_KEYS, follow_batch
 from batchnorm.core.sync import StatsReducer, sync_batch_norm
 from batchnorm.kernels import reference
 
@@ -99,6 +99,20 @@ def _transforms_active() -> bool:
     return torch._C._are_functorch_transforms_active()
 
 
+def _untransformed(stat: Tensor) -> Tensor:
+    """A batch statistic's value outside the torch.func transforms, for the running buffers,
+    which the transforms do not track (as the operators, which run below them, leave them);
+    under ``vmap`` each sample would have its own, so that raises."""
+    stat = stat.detach()
+    while torch._C._functorch.is_functorch_wrapped_tensor(stat):
+        if torch._C._functorch.is_batchedtensor(stat):
+            raise RuntimeError("running statistics cannot follow a batch under vmap: call the "
+                               "layer in eval mode, or pass the buffers to "
+                               "torch.func.functional_call")
+        stat = torch._C._functorch.get_unwrapped(stat)
+    return stat
+
+
 DECOMPOSE_UNDER_COMPILE = True
 """Under ``torch.compile`` (not ``torch.export``), plain BatchNorm/GroupNorm/LayerNorm
 trace as the ATen operators torch.nn's compile to (:mod:`batchnorm.core.decomposed`), which
@@ -173,43 +187,32 @@ def _normalize_channels(input: Tensor, weight: Tensor | None, bias: Tensor | Non
                         renorm_clipping: list[float] | None, renorm_mean: Tensor | None,
                         renorm_var: Tensor | None, renorm_momentum: float,
                         residual: Tensor | None = None) -> Tensor:
-    """One forward operator, then (training) the running statistics follow the accepted
-    batch: chunk statistics of ``count`` values each, the last one of ``last_count``."""
-    transforms = _transforms_active()
-    if transforms:
+    """One forward operator, which (training) also moves the running statistics once it
+    accepted the batch."""
+    if _transforms_active():
         out, mean, var, _, _ = normalize.batch_norm_forward(
             reference, input, weight, bias, running_mean, running_var, training, eps, axis,
             chunk, activation, activation_param, renorm_clipping, renorm_mean, renorm_var,
             check=False, residual=residual)
-    elif residual is not None:
-        out, mean, var = ops.batch_norm_add(input, residual, weight, bias, running_mean,
-                                            running_var, training, eps, axis, chunk,
-                                            activation, activation_param)
-    elif (axis == 1 and chunk == 0 and activation == "identity" and renorm_clipping is None
-          and renorm_mean is None):
+        if training and running_mean is not None:
+            with torch._C._DisableFuncTorch():  # buffers the transforms do not track
+                follow_batch(input.shape, axis, chunk, _untransformed(mean),
+                             _untransformed(var), running_mean, running_var,
+                             num_batches_tracked, momentum, renorm_mean, renorm_var,
+                             renorm_momentum)
+        return out
+    if residual is not None:
+        return ops.batch_norm_add(input, residual, weight, bias, running_mean, running_var,
+                                  num_batches_tracked, training, momentum, eps, axis, chunk,
+                                  activation, activation_param)[0]
+    if (axis == 1 and chunk == 0 and activation == "identity" and renorm_clipping is None
+            and renorm_mean is None):
         # the schema's defaults: an operator call converts each argument it is given
-        out, mean, var, _, _ = ops.batch_norm(input, weight, bias, running_mean, running_var,
-                                              training, eps)
-    else:
-        out, mean, var, _, _ = ops.batch_norm(
-            input, weight, bias, running_mean, running_var, training, eps, axis, chunk,
-            activation, activation_param, renorm_clipping, renorm_mean, renorm_var)
-    if training and running_mean is not None:
-        shape = input.shape
-        batch = shape[0]
-        values = input.numel() // shape[axis]
-        count = last_count = values
-        if chunk and batch:
-            count = values // batch * min(chunk, batch)
-            last_count = values // batch * (batch % chunk or chunk)
-        if transforms:  # the operator updates buffers the transforms do not track
-            mean, var = mean.detach(), var.detach()
-        ops.update_running_stats_(running_mean, running_var, num_batches_tracked, mean, var,
-                                  count, last_count, momentum)
-        if renorm_mean is not None:
-            ops.update_running_stats_(renorm_mean, renorm_var, None, mean, var, count,
-                                      last_count, renorm_momentum)
-    return out
+        return ops.batch_norm(input, weight, bias, running_mean, running_var,
+                              num_batches_tracked, training, momentum, eps)[0]
+    return ops.batch_norm(input, weight, bias, running_mean, running_var, num_batches_tracked,
+                          training, momentum, eps, axis, chunk, activation, activation_param,
+                          renorm_clipping, renorm_mean, renorm_var, renorm_momentum)[0]
 
 
 def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,

@@ -24,8 +24,8 @@ from batchnorm.core.policy import update_running_stats
 from batchnorm.kernels import cpu, extension, reference
 
 ops = torch.ops.batchnorm
-OPERATORS = ("batch_norm", "batch_norm_backward", "update_running_stats_", "group_norm",
-             "group_norm_backward", "layer_norm", "layer_norm_backward")
+OPERATORS = ("batch_norm", "batch_norm_backward", "group_norm", "group_norm_backward",
+             "layer_norm", "layer_norm_backward")
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 EPS = 1e-3
 
@@ -92,10 +92,23 @@ BATCH_NORM_CASES = [
 
 def _batch_norm_args(shape, training, chunk, clipping, activation, dtype, channels_last,
                      offset):
+    """The arguments of :func:`normalize.batch_norm_forward` after its primitives."""
     x = _data(shape, dtype, channels_last and len(shape) == 4, offset)
     p = _parameters(shape[1], dtype)
     return (x, p["weight"], p["bias"], p["running_mean"], p["running_var"], training, EPS, 1,
             chunk, activation, 0.0, clipping, None, None)
+
+
+def _batch_norm_operator(args, num_batches_tracked=None, momentum=0.1):
+    """The operator on the same arguments; it moves the running buffers it is given in
+    training, so it gets copies unless ``num_batches_tracked`` asks for the update."""
+    (x, weight, bias, running_mean, running_var, training, eps, axis, chunk, activation,
+     param, clipping, renorm_mean, renorm_var) = args
+    if num_batches_tracked is None and running_mean is not None:
+        running_mean, running_var = running_mean.clone(), running_var.clone()
+    return ops.batch_norm(x, weight, bias, running_mean, running_var, num_batches_tracked,
+                          training, momentum, eps, axis, chunk, activation, param, clipping,
+                          renorm_mean, renorm_var)
 
 
 def _batch_norm_backward(prims, args, forward):
@@ -127,7 +140,7 @@ def test_batch_norm_matches_the_composite_in_float64(case, dtype, channels_last)
     _, shape, training, chunk, clipping, activation = case
     args = _batch_norm_args(shape, training, chunk, clipping, activation, dtype,
                             channels_last, 100.0)
-    actual = ops.batch_norm(*args)
+    actual = _batch_norm_operator(args)
     expected = normalize.batch_norm_forward(reference, *_float64(args))
     atol = {torch.float32: 2e-5, torch.float64: 1e-10, torch.bfloat16: 1.6e-2}[dtype]
     _check(actual, expected, dtype, 0, atol, "forward")
@@ -151,7 +164,7 @@ def test_batch_norm_matches_the_composite_over_the_same_kernels(case, dtype, cha
     _, shape, training, chunk, clipping, activation = case
     args = _batch_norm_args(shape, training, chunk, clipping, activation, dtype,
                             channels_last, 3.0)
-    actual = ops.batch_norm(*args)
+    actual = _batch_norm_operator(args)
     expected = normalize.batch_norm_forward(cpu, *args)
     assert actual[0].stride() == expected[0].stride()
     tolerance = _same_kernel_tolerance(dtype)
@@ -177,18 +190,21 @@ def _statistics_counts(shape: tuple[int, ...], chunk: int) -> tuple[int, int]:
                          ids=str)
 @pytest.mark.parametrize("case", BATCH_NORM_CASES[:2] + BATCH_NORM_CASES[3:4]
                          + BATCH_NORM_CASES[6:7], ids=["bn", "bn (N, C)", "ghost", "instance"])
-def test_update_running_stats_matches_the_composite(case, buffer_dtype, momentum):
+def test_the_running_statistics_follow_as_the_composite_moves_them(case, buffer_dtype,
+                                                                   momentum):
+    """The forward operator moves the buffers as the composite's update does with the
+    statistics it returns, chunk counts included."""
     _, shape, _, chunk, _, _ = case
     dtype = torch.float64 if buffer_dtype == torch.float64 else torch.float32
-    args = _batch_norm_args(shape, True, chunk, None, "identity", dtype, False, 3.0)
-    _, mean, var, _, _ = ops.batch_norm(*args)
-    count, last_count = _statistics_counts(shape, chunk)
+    x, weight, bias, *_ = _batch_norm_args(shape, True, chunk, None, "identity", dtype, False,
+                                           3.0)
     p = _parameters(shape[1], buffer_dtype)
     buffers = [p["running_mean"].to(buffer_dtype), p["running_var"].to(buffer_dtype),
                torch.tensor(4)]
     expected = [b.clone() for b in buffers]
-    ops.update_running_stats_(*buffers, mean, var, count, last_count, momentum)
-    update_running_stats(*expected, mean, var, count, last_count, momentum)
+    _, mean, var, _, _ = ops.batch_norm(x, weight, bias, *buffers, True, momentum, EPS, 1,
+                                        chunk)
+    update_running_stats(*expected, mean, var, *_statistics_counts(shape, chunk), momentum)
     for actual, wanted in zip(buffers, expected, strict=True):
         tolerance = _same_kernel_tolerance(wanted.dtype) if wanted.is_floating_point() else 0
         torch.testing.assert_close(actual, wanted, rtol=tolerance, atol=tolerance)
@@ -251,16 +267,17 @@ def test_layer_norm_matches_the_composite(shape, normalized_ndim, dtype):
 def test_empty_inputs_match_the_composite(shape):
     x = torch.randn(shape)
     p = _parameters(3, torch.float32)
+    batch_norm = (x, p["weight"], p["bias"], p["running_mean"], p["running_var"])
     cases = [
-        (ops.batch_norm, normalize.batch_norm_forward,
-         (x, p["weight"], p["bias"], p["running_mean"], p["running_var"], True, EPS)),
-        (ops.batch_norm, normalize.batch_norm_forward,
-         (x, p["weight"], p["bias"], p["running_mean"], p["running_var"], False, EPS)),
-        (ops.group_norm, normalize.group_norm_forward, (x, p["weight"], p["bias"], 3, EPS)),
+        (_batch_norm_operator, normalize.batch_norm_forward,
+         (*batch_norm, True, EPS, 1, 0, "identity", 0.0, None, None, None)),
+        (_batch_norm_operator, normalize.batch_norm_forward,
+         (*batch_norm, False, EPS, 1, 0, "identity", 0.0, None, None, None)),
+        (lambda args: ops.group_norm(*args), normalize.group_norm_forward,
+         (x, p["weight"], p["bias"], 3, EPS)),
     ]
     for operator, composite, args in cases:
-        full = args + ((1, 0, "identity", 0.0, None, None, None) if len(args) == 7 else ())
-        actual, expected = operator(*args), composite(cpu, *full)
+        actual, expected = operator(args), composite(cpu, *args)
         for a, e in zip(actual, expected, strict=True):
             assert a.shape == e.shape and a.dtype == e.dtype
             if a.numel():
@@ -272,52 +289,53 @@ def test_empty_inputs_match_the_composite(shape):
     assert torch.equal(grads[1], torch.zeros(3)) and torch.equal(grads[2], torch.zeros(3))
 
 
-def test_a_non_finite_batch_raises_before_any_buffer_changes():
+@pytest.mark.parametrize("backend", [None, "torch"], ids=["compiled", "composite"])
+@pytest.mark.parametrize("chunk", [0, 3], ids=["batch", "ghost"])
+def test_a_non_finite_batch_raises_before_any_buffer_changes(chunk, backend):
     x = _data((6, 4, 5, 5), torch.float32, False, 0.0)
     x[2, 1, 3, 3] = float("nan")
     p = _parameters(4, torch.float32)
-    with pytest.raises(ValueError, match="input contains NaN or infinity: batch statistics "
-                                         "are not finite"):
-        ops.batch_norm(x, p["weight"], p["bias"], p["running_mean"], p["running_var"], True,
-                       EPS)
     buffers = [p["running_mean"], p["running_var"], torch.tensor(2)]
     before = [b.clone() for b in buffers]
-    mean = torch.zeros(1, 4)
-    mean[0, 2] = float("inf")
-    with pytest.raises(ValueError, match="input contains NaN or infinity"):
-        ops.update_running_stats_(*buffers, mean, torch.ones(1, 4), 150, 150, 0.1)
+    with kernels.use_backend(backend), pytest.raises(
+            ValueError, match="input contains NaN or infinity: batch statistics are not finite"):
+        ops.batch_norm(x, p["weight"], p["bias"], *buffers, True, 0.1, EPS, 1, chunk)
     for buffer, original in zip(buffers, before, strict=True):
         assert torch.equal(buffer, original)
 
 
 def test_buffer_overflow_raises_with_the_composites_message():
-    huge = torch.full((1, 3), 1e5)
+    """A batch mean of 1e5 with momentum 0.9 moves float16 buffers to 9e4, past their
+    largest value (65504)."""
+    x = torch.full((8, 3), 1e5) + torch.tensor([-1.0, 1.0]).repeat(4)[:, None]
 
-    def message(update) -> str:
+    def message(backend) -> str:
         buffers = [torch.zeros(3, dtype=torch.float16), torch.ones(3, dtype=torch.float16),
                    None]
-        with pytest.raises(ValueError) as error:
-            update(*buffers, huge, torch.ones(1, 3), 8, 8, 0.9)
+        with kernels.use_backend(backend), pytest.raises(ValueError) as error:
+            ops.batch_norm(x, None, None, *buffers, True, 0.9, EPS)
         assert torch.equal(buffers[0], torch.zeros(3, dtype=torch.float16))
         return str(error.value)
 
-    expected = message(update_running_stats)
-    assert message(ops.update_running_stats_) == expected
+    expected = message("torch")
+    assert message(None) == expected
     assert "running_mean overflows its torch.float16 buffer (new values up to 9e+04)" in \
         expected
 
 
-def test_each_update_moves_every_buffers_version_once():
+@pytest.mark.parametrize("backend", [None, "torch"], ids=["compiled", "composite"])
+def test_each_training_forward_moves_every_buffers_version_once(backend):
     """In-place updates are visible to autograd's version checks, as torch's copy_ makes
-    them."""
+    them, with and without autograd recording the call."""
     buffers = _parameters(3, torch.float32)
     counter = torch.tensor(0)
-    versions = [buffers["running_mean"]._version, buffers["running_var"]._version,
-                counter._version]
-    ops.update_running_stats_(buffers["running_mean"], buffers["running_var"], counter,
-                              torch.zeros(1, 3), torch.ones(1, 3), 8, 8, 0.1)
-    assert [buffers["running_mean"]._version, buffers["running_var"]._version,
-            counter._version] == [v + 1 for v in versions]
+    tracked = (buffers["running_mean"], buffers["running_var"], counter)
+    for requires_grad in (False, True):
+        versions = [t._version for t in tracked]
+        x = torch.randn(8, 3, requires_grad=requires_grad)
+        with kernels.use_backend(backend):
+            ops.batch_norm(x, None, None, *tracked, True, 0.1, EPS)
+        assert [t._version for t in tracked] == [v + 1 for v in versions]
 
 
 def test_the_cpu_kernels_are_the_compiled_ones_without_python():
@@ -326,7 +344,7 @@ def test_the_cpu_kernels_are_the_compiled_ones_without_python():
     training step runs no primitive through Python (the composite calls them as operators)."""
     for name in OPERATORS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"batchnorm::{name}", "CPU")
-    for name in ("batch_norm", "group_norm", "layer_norm", "update_running_stats_"):
+    for name in ("batch_norm", "group_norm", "layer_norm"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"batchnorm::{name}",
                                                               "AutogradCPU")
     model = torch.nn.Sequential(batchnorm.BatchNorm2d(4), batchnorm.GroupNorm(2, 4),
@@ -349,7 +367,7 @@ def test_a_forced_backend_reaches_the_operators(monkeypatch):
 
     monkeypatch.setattr(normalize, "batch_norm_forward", counted)
     p = _parameters(4, torch.float32)
-    args = (torch.randn(6, 4), p["weight"], p["bias"], None, None, True, EPS)
+    args = (torch.randn(6, 4), p["weight"], p["bias"], None, None, None, True, 0.1, EPS)
     compiled = ops.batch_norm(*args)
     assert calls == []
     with kernels.use_backend("torch"):

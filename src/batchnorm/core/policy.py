@@ -5,6 +5,7 @@ changes."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -65,6 +66,8 @@ def pooled_statistics(mean: Tensor, var: Tensor, count: int, last_count: int
     gives the batch's unbiased variance and equal chunks the mean of their unbiased ones."""
     chunks = mean.shape[0]
     if chunks == 1:
+        if count == 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got {count}")
         return mean[0], var[0] * (count / (count - 1))
     counts = torch.full((chunks, 1), float(count), dtype=mean.dtype, device=mean.device)
     counts[-1] = last_count
@@ -81,6 +84,31 @@ def momentum_factor(num_batches_tracked: Tensor | None, momentum: float | None,
     if num_batches_tracked is not None:
         return 1.0 / (num_batches_tracked + 1).to(dtype)
     return 0.0
+
+
+def statistics_counts(shape: Sequence[int], axis: int, chunk: int) -> tuple[int, int]:
+    """Values behind each row of a chunk statistics table: ``count`` for every chunk of
+    ``chunk`` samples (dim 0; 0: the whole batch), ``last_count`` for the last one."""
+    batch = shape[0]
+    values = math.prod(shape) // max(shape[axis], 1)
+    if not chunk or not batch:
+        return values, values
+    return values // batch * min(chunk, batch), values // batch * (batch % chunk or chunk)
+
+
+def follow_batch(shape: Sequence[int], axis: int, chunk: int, mean: Tensor, var: Tensor,
+                 running_mean: Tensor, running_var: Tensor,
+                 num_batches_tracked: Tensor | None, momentum: float | None,
+                 renorm_mean: Tensor | None, renorm_var: Tensor | None,
+                 renorm_momentum: float) -> None:
+    """The running statistics, and Batch Renormalization's own references when given,
+    follow an accepted training batch of ``shape`` from its chunk statistics."""
+    count, last_count = statistics_counts(shape, axis, chunk)
+    update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, count,
+                         last_count, momentum)
+    if renorm_mean is not None:
+        update_running_stats(renorm_mean, renorm_var, None, mean, var, count, last_count,
+                             renorm_momentum)
 
 
 @torch.no_grad()

@@ -45,8 +45,9 @@ c10::TypedOperatorHandle<Signature> typed_operator(const char* name) {
 
 using BatchNormSignature = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const OptionalTensor&, const OptionalTensor&, const OptionalTensor&,
-    const OptionalTensor&, bool, double, int64_t, int64_t, c10::string_view, double,
-    std::optional<at::ArrayRef<double>>, const OptionalTensor&, const OptionalTensor&);
+    const OptionalTensor&, const OptionalTensor&, bool, std::optional<double>, double, int64_t,
+    int64_t, c10::string_view, double, std::optional<at::ArrayRef<double>>,
+    const OptionalTensor&, const OptionalTensor&, double);
 using BatchNormBackwardSignature =
     Grads(const Tensor&, const Tensor&, const OptionalTensor&, const OptionalTensor&,
           const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool, double, int64_t,
@@ -67,8 +68,6 @@ using LayerNormBackwardSignature =
 using LayerNormBackwardDifferentiableSignature =
     Grads(const Tensor&, const Tensor&, int64_t, const OptionalTensor&, const OptionalTensor&,
           double, Mask);
-using UpdateSignature = void(const Tensor&, const Tensor&, const OptionalTensor&, const Tensor&,
-                             const Tensor&, c10::SymInt, c10::SymInt, std::optional<double>);
 
 bool requires_grad(const Tensor& t) {
   return t.requires_grad();
@@ -243,18 +242,23 @@ struct LayerNormBackward final : public NormBackward<5> {  // + mean, invstd
   }
 };
 
+// The buffers the forward moves in training count the write in their version counters: the
+// kernel moves them itself below autograd, where torch's in-place operators would.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm(
     const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
-    const OptionalTensor& running_mean, const OptionalTensor& running_var, bool training,
+    const OptionalTensor& running_mean, const OptionalTensor& running_var,
+    const OptionalTensor& num_batches_tracked, bool training, std::optional<double> momentum,
     double eps, int64_t axis, int64_t chunk, c10::string_view activation,
     double activation_param, std::optional<at::ArrayRef<double>> renorm_clipping,
-    const OptionalTensor& renorm_mean, const OptionalTensor& renorm_var) {
+    const OptionalTensor& renorm_mean, const OptionalTensor& renorm_var,
+    double renorm_momentum) {
   static const auto op = typed_operator<BatchNormSignature>("batchnorm::batch_norm");
   auto node = make_node<BatchNormBackward>("batchnorm::batch_norm", input, weight, bias);
   auto outputs = [&] {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return op.call(input, weight, bias, running_mean, running_var, training, eps, axis, chunk,
-                   activation, activation_param, renorm_clipping, renorm_mean, renorm_var);
+    at::AutoDispatchBelowAutograd guard;
+    return op.call(input, weight, bias, running_mean, running_var, num_batches_tracked,
+                   training, momentum, eps, axis, chunk, activation, activation_param,
+                   renorm_clipping, renorm_mean, renorm_var, renorm_momentum);
   }();
   if (node) {
     const auto& [y, mean, var, r, d] = outputs;
@@ -308,19 +312,6 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm(const Tensor& input, int64_t norma
   return outputs;
 }
 
-// The update of the running statistics has nothing to differentiate (no outputs; buffers
-// change in place): what autograd's fallback for an operator without autograd does, a
-// redispatch to the kernel, without the fallback's boxed round trip.
-void update_running_stats_(const Tensor& running_mean, const Tensor& running_var,
-                           const OptionalTensor& num_batches_tracked, const Tensor& mean,
-                           const Tensor& var, c10::SymInt count, c10::SymInt last_count,
-                           std::optional<double> momentum) {
-  static const auto op = typed_operator<UpdateSignature>("batchnorm::update_running_stats_");
-  at::AutoDispatchBelowAutograd guard;
-  op.call(running_mean, running_var, num_batches_tracked, mean, var, std::move(count),
-          std::move(last_count), momentum);
-}
-
 }  // namespace
 }  // namespace batchnorm_cpu
 
@@ -328,5 +319,4 @@ TORCH_LIBRARY_IMPL(batchnorm, AutogradCPU, m) {
   m.impl("batch_norm", &batchnorm_cpu::batch_norm);
   m.impl("group_norm", &batchnorm_cpu::group_norm);
   m.impl("layer_norm", &batchnorm_cpu::layer_norm);
-  m.impl("update_running_stats_", &batchnorm_cpu::update_running_stats_);
 }

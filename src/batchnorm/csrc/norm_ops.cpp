@@ -271,6 +271,182 @@ void check_variance(const Tensor& invstd) {
 }
 
 // ---------------------------------------------------------------------------------------
+// The running statistics follow an accepted training batch
+// (batchnorm.core.policy.update_running_stats).
+
+// Python's format(value, ".4g").
+std::string format_4g(double value) {
+  if (std::isnan(value)) return "nan";
+  char buffer[32];
+  std::snprintf(buffer, sizeof(buffer), "%.4g", value);
+  return buffer;
+}
+
+// Writes into a tensor's memory count like torch's in-place operators: its version counter
+// moves, except where torch's would not (inference tensors, ADInplaceOrView excluded).
+void bump_version(const Tensor& t) {
+  if (t.key_set().has(c10::DispatchKey::ADInplaceOrView) &&
+      !c10::impl::tls_is_dispatch_key_excluded(c10::DispatchKey::ADInplaceOrView)) {
+    t.unsafeGetTensorImpl()->bump_version();
+  }
+}
+
+void count_batch(const OptionalTensor& num_batches_tracked) {
+  if (!given(num_batches_tracked)) return;
+  const Tensor& counter = *num_batches_tracked;
+  if (counter.scalar_type() != at::kLong || counter.numel() != 1) {
+    counter.add_(1);
+    return;
+  }
+  *counter.mutable_data_ptr<int64_t>() += 1;
+  bump_version(counter);
+}
+
+void update_running_stats(const Tensor& running_mean, const Tensor& running_var,
+                          const OptionalTensor& num_batches_tracked, const Tensor& mean,
+                          const Tensor& var, int64_t count, int64_t last_count,
+                          std::optional<double> momentum) {
+  TORCH_CHECK_VALUE(is_float(running_mean.scalar_type()) &&
+                        is_float(running_var.scalar_type()) &&
+                        running_mean.numel() == mean.size(1) &&
+                        running_var.numel() == mean.size(1),
+                    "batch_norm: running_mean and running_var must be floating point with one "
+                    "value per channel (", mean.size(1), "), got ", running_mean.scalar_type(),
+                    " of ", running_mean.numel(), " and ", running_var.scalar_type(), " of ",
+                    running_var.numel());
+  TORCH_CHECK_VALUE(mean.size(0) > 1 || count != 1, "Expected more than 1 value per channel "
+                    "when training, got ", count);
+  if (mean.numel() == 0 || count == 0) {  // an empty batch only counts
+    count_batch(num_batches_tracked);
+    return;
+  }
+  const int64_t chunks = mean.size(0);
+  const int64_t channels = mean.size(1);
+  const Tensor mean_table = mean.contiguous();
+  const Tensor var_table = var.contiguous();
+  const std::array<const Tensor*, 2> running = {&running_mean, &running_var};
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "update_running_stats_", [&] {
+    using acc_t = scalar_t;
+    const acc_t* m = mean_table.const_data_ptr<acc_t>();
+    const acc_t* v = var_table.const_data_ptr<acc_t>();
+    std::vector<acc_t> updated(2 * channels);  // the new running mean, then var
+    acc_t* new_mean = updated.data();
+    acc_t* new_var = new_mean + channels;
+    // pooled statistics: sum(n_a * mean_a) / sum(n_a), sum(n_a * var_a) / (sum(n_a) - A)
+    const acc_t correction = static_cast<acc_t>(static_cast<double>(count) / (count - 1));
+    acc_t total = 0;
+    for (int64_t a = 0; a < chunks; ++a) {
+      total += static_cast<acc_t>(a == chunks - 1 ? last_count : count);
+    }
+    for (int64_t c = 0; c < channels; ++c) {
+      if (chunks == 1) {
+        new_mean[c] = m[c];
+        new_var[c] = v[c] * correction;
+      } else {
+        double weighted_mean = 0;
+        double weighted_var = 0;
+        for (int64_t a = 0; a < chunks; ++a) {
+          const acc_t n = static_cast<acc_t>(a == chunks - 1 ? last_count : count);
+          weighted_mean += n * m[a * channels + c];
+          weighted_var += n * v[a * channels + c];
+        }
+        new_mean[c] = acc_t(weighted_mean) / total;
+        new_var[c] = acc_t(weighted_var) / (total - static_cast<acc_t>(chunks));
+      }
+    }
+    check_finite(new_mean, new_var, channels);
+    // running = lerp(running, batch, factor), as torch.lerp computes it
+    acc_t factor = 0;
+    if (momentum.has_value()) {
+      factor = static_cast<acc_t>(*momentum);
+    } else if (given(num_batches_tracked)) {
+      factor = acc_t(1) / static_cast<acc_t>(num_batches_tracked->item<int64_t>() + 1);
+    }
+    const bool small = std::abs(factor) < acc_t(0.5);
+    for (int k = 0; k < 2; ++k) {
+      const Tensor current = as_table(*running[k], mean.scalar_type());
+      const acc_t* old = current.const_data_ptr<acc_t>();
+      acc_t* values = new_mean + k * channels;
+      for (int64_t c = 0; c < channels; ++c) {
+        const acc_t difference = values[c] - old[c];
+        values[c] = small ? std::fma(factor, difference, old[c])
+                          : std::fma(factor - acc_t(1), difference, values[c]);
+      }
+    }
+    // values the buffers' dtype cannot hold raise before anything changes
+    const std::array<const char*, 2> names = {"running_mean", "running_var"};
+    for (int k = 0; k < 2; ++k) {
+      const acc_t* values = new_mean + k * channels;
+      const auto dtype = running[k]->scalar_type();
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "update_running_stats_",
+                                      [&] {
+        bool finite = true;
+        for (int64_t c = 0; c < channels; ++c) {
+          finite = finite && std::isfinite(static_cast<double>(static_cast<scalar_t>(values[c])));
+        }
+        if (finite) return;
+        double largest = 0;  // torch's max: NaN wins
+        for (int64_t c = 0; c < channels; ++c) {
+          const double magnitude = std::abs(static_cast<double>(values[c]));
+          largest = std::isnan(magnitude) || std::isnan(largest) ? magnitude + largest
+                                                                 : std::max(largest, magnitude);
+        }
+        TORCH_CHECK_VALUE(false, names[k], " overflows its ", dtype_name(dtype),
+                          " buffer (new values up to ", format_4g(largest),
+                          "); keep the layer's buffers in float32, e.g. with torch.autocast "
+                          "instead of .half()");
+      });
+    }
+    for (int k = 0; k < 2; ++k) {
+      const Tensor& buffer = *running[k];
+      acc_t* values = new_mean + k * channels;
+      if (!buffer.is_contiguous()) {
+        buffer.copy_(at::from_blob(values, {channels}, mean.options()).view_as(buffer));
+        continue;
+      }
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, buffer.scalar_type(),
+                                      "update_running_stats_", [&] {
+        scalar_t* out = buffer.mutable_data_ptr<scalar_t>();
+        for (int64_t c = 0; c < channels; ++c) out[c] = static_cast<scalar_t>(values[c]);
+      });
+      bump_version(buffer);
+    }
+  });
+  count_batch(num_batches_tracked);
+}
+
+// batchnorm.core.policy.statistics_counts: values per chunk of `chunk` samples, and in the
+// last chunk.
+std::pair<int64_t, int64_t> statistics_counts(const Tensor& input, int64_t axis, int64_t chunk) {
+  const int64_t batch = input.size(0);
+  const int64_t values = input.numel() / std::max<int64_t>(input.size(axis), 1);
+  if (chunk == 0 || batch == 0) return {values, values};
+  const int64_t remainder = batch % chunk;
+  const int64_t per_sample = values / batch;
+  return {per_sample * std::min(chunk, batch), per_sample * (remainder ? remainder : chunk)};
+}
+
+// batchnorm.core.policy.follow_batch.
+void follow_batch(const Tensor& input, int64_t axis, int64_t chunk, const Tensor& mean,
+                  const Tensor& var, const Tensor& running_mean,
+                  const OptionalTensor& running_var,
+                  const OptionalTensor& num_batches_tracked, std::optional<double> momentum,
+                  const OptionalTensor& renorm_mean, const OptionalTensor& renorm_var,
+                  double renorm_momentum) {
+  TORCH_CHECK_VALUE(given(running_var), "batch_norm: running_mean and running_var must be "
+                    "given together");
+  const auto [count, last_count] = statistics_counts(input, axis, chunk);
+  update_running_stats(running_mean, *running_var, num_batches_tracked, mean, var, count,
+                       last_count, momentum);
+  if (given(renorm_mean)) {
+    TORCH_CHECK_VALUE(given(renorm_var), "batch_norm: renorm_mean and renorm_var must be "
+                      "given together");
+    update_running_stats(*renorm_mean, *renorm_var, std::nullopt, mean, var, count, last_count,
+                         renorm_momentum);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
 // batch_norm: BatchNorm, ghost batches and InstanceNorm of channel `axis`.
 
 struct Renorm {
@@ -280,15 +456,17 @@ struct Renorm {
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm(
     const Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias,
-    const OptionalTensor& running_mean, const OptionalTensor& running_var, bool training,
+    const OptionalTensor& running_mean, const OptionalTensor& running_var,
+    const OptionalTensor& num_batches_tracked, bool training, std::optional<double> momentum,
     double eps, int64_t axis, int64_t chunk, c10::string_view activation,
     double activation_param, std::optional<at::ArrayRef<double>> renorm_clipping,
-    const OptionalTensor& renorm_mean, const OptionalTensor& renorm_var) {
+    const OptionalTensor& renorm_mean, const OptionalTensor& renorm_var,
+    double renorm_momentum) {
   if (runs_composite(input)) {
     return as_tuple<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>>(composite<5>(
-        "batchnorm::batch_norm", input, weight, bias, running_mean, running_var, training,
-        eps, axis, chunk, activation, activation_param, renorm_clipping, renorm_mean,
-        renorm_var));
+        "batchnorm::batch_norm", input, weight, bias, running_mean, running_var,
+        num_batches_tracked, training, momentum, eps, axis, chunk, activation,
+        activation_param, renorm_clipping, renorm_mean, renorm_var, renorm_momentum));
   }
   axis = at::maybe_wrap_dim(axis, input.dim());
   const bool channels_last = is_channels_last(input, axis);
@@ -380,6 +558,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm(
   const Tensor y = empty ? at::empty_like(x)
                          : channel_normalize(x, mean, scale, shift, group_rows, activation,
                                              activation_param);
+  if (training && given(running_mean)) {  // the batch is accepted: finite statistics
+    follow_batch(input, axis, chunk, mean, var, *running_mean, running_var, num_batches_tracked,
+                 momentum, renorm_mean, renorm_var, renorm_momentum);
+  }
   return {restore(y, input, axis, channels_last), mean, var, r, d};
 }
 
@@ -499,154 +681,6 @@ Grads batch_norm_backward(const Tensor& grad_output, const Tensor& input,
                          : empty_grad(input),
           want_weight ? in_dtype_of(grad_weight, *weight) : grad_weight,
           want_bias ? in_dtype_of(grad_bias, *bias) : grad_bias};
-}
-
-// ---------------------------------------------------------------------------------------
-// update_running_stats_ (batchnorm.core.policy.update_running_stats).
-
-
-// Python's format(value, ".4g").
-std::string format_4g(double value) {
-  if (std::isnan(value)) return "nan";
-  char buffer[32];
-  std::snprintf(buffer, sizeof(buffer), "%.4g", value);
-  return buffer;
-}
-
-// Writes into a tensor's memory count like torch's in-place operators: its version counter
-// moves, except where torch's would not (inference tensors, ADInplaceOrView excluded).
-void bump_version(const Tensor& t) {
-  if (t.key_set().has(c10::DispatchKey::ADInplaceOrView) &&
-      !c10::impl::tls_is_dispatch_key_excluded(c10::DispatchKey::ADInplaceOrView)) {
-    t.unsafeGetTensorImpl()->bump_version();
-  }
-}
-
-void count_batch(const OptionalTensor& num_batches_tracked) {
-  if (!given(num_batches_tracked)) return;
-  const Tensor& counter = *num_batches_tracked;
-  if (counter.scalar_type() != at::kLong || counter.numel() != 1) {
-    counter.add_(1);
-    return;
-  }
-  *counter.mutable_data_ptr<int64_t>() += 1;
-  bump_version(counter);
-}
-
-bool is_accumulation_table(const Tensor& t) {
-  return (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble) && t.dim() == 2;
-}
-
-void update_running_stats_(const Tensor& running_mean, const Tensor& running_var,
-                           const OptionalTensor& num_batches_tracked, const Tensor& mean,
-                           const Tensor& var, int64_t count, int64_t last_count,
-                           std::optional<double> momentum) {
-  if (composite_forced.load(std::memory_order_relaxed) || !is_accumulation_table(mean) ||
-      var.scalar_type() != mean.scalar_type() || var.sizes() != mean.sizes() ||
-      !is_float(running_mean.scalar_type()) || !is_float(running_var.scalar_type()) ||
-      running_mean.numel() != mean.size(1) || running_var.numel() != mean.size(1) ||
-      (mean.size(0) == 1 && count == 1 && mean.numel() > 0)) {  // Python's ZeroDivisionError
-    composite<0>("batchnorm::update_running_stats_", running_mean, running_var,
-                 num_batches_tracked, mean, var, count, last_count, momentum);
-    return;
-  }
-  if (mean.numel() == 0 || count == 0) {  // an empty batch only counts
-    count_batch(num_batches_tracked);
-    return;
-  }
-  const int64_t chunks = mean.size(0);
-  const int64_t channels = mean.size(1);
-  const Tensor mean_table = mean.contiguous();
-  const Tensor var_table = var.contiguous();
-  const std::array<const Tensor*, 2> running = {&running_mean, &running_var};
-  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "update_running_stats_", [&] {
-    using acc_t = scalar_t;
-    const acc_t* m = mean_table.const_data_ptr<acc_t>();
-    const acc_t* v = var_table.const_data_ptr<acc_t>();
-    std::vector<acc_t> updated(2 * channels);  // the new running mean, then var
-    acc_t* new_mean = updated.data();
-    acc_t* new_var = new_mean + channels;
-    // pooled statistics: sum(n_a * mean_a) / sum(n_a), sum(n_a * var_a) / (sum(n_a) - A)
-    const acc_t correction = static_cast<acc_t>(static_cast<double>(count) / (count - 1));
-    acc_t total = 0;
-    for (int64_t a = 0; a < chunks; ++a) {
-      total += static_cast<acc_t>(a == chunks - 1 ? last_count : count);
-    }
-    for (int64_t c = 0; c < channels; ++c) {
-      if (chunks == 1) {
-        new_mean[c] = m[c];
-        new_var[c] = v[c] * correction;
-      } else {
-        double weighted_mean = 0;
-        double weighted_var = 0;
-        for (int64_t a = 0; a < chunks; ++a) {
-          const acc_t n = static_cast<acc_t>(a == chunks - 1 ? last_count : count);
-          weighted_mean += n * m[a * channels + c];
-          weighted_var += n * v[a * channels + c];
-        }
-        new_mean[c] = acc_t(weighted_mean) / total;
-        new_var[c] = acc_t(weighted_var) / (total - static_cast<acc_t>(chunks));
-      }
-    }
-    check_finite(new_mean, new_var, channels);
-    // running = lerp(running, batch, factor), as torch.lerp computes it
-    acc_t factor = 0;
-    if (momentum.has_value()) {
-      factor = static_cast<acc_t>(*momentum);
-    } else if (given(num_batches_tracked)) {
-      factor = acc_t(1) / static_cast<acc_t>(num_batches_tracked->item<int64_t>() + 1);
-    }
-    const bool small = std::abs(factor) < acc_t(0.5);
-    for (int k = 0; k < 2; ++k) {
-      const Tensor current = as_table(*running[k], mean.scalar_type());
-      const acc_t* old = current.const_data_ptr<acc_t>();
-      acc_t* values = new_mean + k * channels;
-      for (int64_t c = 0; c < channels; ++c) {
-        const acc_t difference = values[c] - old[c];
-        values[c] = small ? std::fma(factor, difference, old[c])
-                          : std::fma(factor - acc_t(1), difference, values[c]);
-      }
-    }
-    // values the buffers' dtype cannot hold raise before anything changes
-    const std::array<const char*, 2> names = {"running_mean", "running_var"};
-    for (int k = 0; k < 2; ++k) {
-      const acc_t* values = new_mean + k * channels;
-      const auto dtype = running[k]->scalar_type();
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "update_running_stats_",
-                                      [&] {
-        bool finite = true;
-        for (int64_t c = 0; c < channels; ++c) {
-          finite = finite && std::isfinite(static_cast<double>(static_cast<scalar_t>(values[c])));
-        }
-        if (finite) return;
-        double largest = 0;  // torch's max: NaN wins
-        for (int64_t c = 0; c < channels; ++c) {
-          const double magnitude = std::abs(static_cast<double>(values[c]));
-          largest = std::isnan(magnitude) || std::isnan(largest) ? magnitude + largest
-                                                                 : std::max(largest, magnitude);
-        }
-        TORCH_CHECK_VALUE(false, names[k], " overflows its ", dtype_name(dtype),
-                          " buffer (new values up to ", format_4g(largest),
-                          "); keep the layer's buffers in float32, e.g. with torch.autocast "
-                          "instead of .half()");
-      });
-    }
-    for (int k = 0; k < 2; ++k) {
-      const Tensor& buffer = *running[k];
-      acc_t* values = new_mean + k * channels;
-      if (!buffer.is_contiguous()) {
-        buffer.copy_(at::from_blob(values, {channels}, mean.options()).view_as(buffer));
-        continue;
-      }
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, buffer.scalar_type(),
-                                      "update_running_stats_", [&] {
-        scalar_t* out = buffer.mutable_data_ptr<scalar_t>();
-        for (int64_t c = 0; c < channels; ++c) out[c] = static_cast<scalar_t>(values[c]);
-      });
-      bump_version(buffer);
-    }
-  });
-  count_batch(num_batches_tracked);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -945,7 +979,6 @@ TORCH_LIBRARY_FRAGMENT(batchnorm_cpu, m) {
 TORCH_LIBRARY_IMPL(batchnorm, CPU, m) {
   m.impl("batch_norm", &batchnorm_cpu::batch_norm);
   m.impl("batch_norm_backward", &batchnorm_cpu::batch_norm_backward);
-  m.impl("update_running_stats_", &batchnorm_cpu::update_running_stats_);
   m.impl("group_norm", &batchnorm_cpu::group_norm);
   m.impl("group_norm_backward", &batchnorm_cpu::group_norm_backward);
   m.impl("layer_norm", &batchnorm_cpu::layer_norm);

@@ -289,8 +289,9 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         if count < 2 and self.fused:
             raise ValueError("the fused path needs more than 1 value per channel in "
                              f"training (Bessel's correction), got input shape {list(x.shape)}")
-        normalized, mean, var, _, _ = ops.batch_norm(x, None, None, None, None, True,
-                                                     self.epsilon, self._axis, virtual or 0)
+        normalized, mean, var, _, _ = ops.batch_norm(x, None, None, None, None, None, True,
+                                                     None, self.epsilon, self._axis,
+                                                     virtual or 0)
         # one value per channel for the moving statistics: the mean over ghost batches
         new_mean, new_var = mean.mean(0), var.mean(0)
         shape = [1] * x.dim()

@@ -5,10 +5,11 @@ formula, and an implementation for every device: the composite one here (the cor
 the kernel primitives :func:`batchnorm.kernels.primitives` picks for the input), which a
 device-specific compiled kernel may replace. The dispatcher, autograd, ``torch.compile``,
 ``torch.export``, FX, ``torch.jit.trace`` and the profiler then see our layers as they see
-torch's own. Forward operators are functional; the running statistics follow through a
-separate mutating operator, :func:`update_running_stats_`, called only after the forward
-accepted the batch, so a rejected batch changes no buffer. :func:`batch_norm_add` is the
-ResNet block's tail, ``act(BatchNorm(x) + residual)``, as one operator.
+torch's own. In training the BatchNorm forward operators also move the running buffers
+they are given (as ``aten::native_batch_norm`` does), once the batch is accepted: a batch
+with NaN or infinity raises ``ValueError`` from the operator and changes no buffer.
+:func:`batch_norm_add` is the ResNet block's tail, ``act(BatchNorm(x) + residual)``, as one
+operator.
 
 The plain layers run on torch's own kernels where :func:`batchnorm.kernels.native` says so
 (``BATCHNORM_BACKEND=aten``; :mod:`batchnorm.ops.native`), the variants on the kernel
@@ -25,21 +26,22 @@ from torch import Tensor
 
 from batchnorm import kernels
 from batchnorm.core import layout, normalize
-from batchnorm.core.policy import update_running_stats
+from batchnorm.core.policy import follow_batch
 from batchnorm.kernels import extension, reference
 from batchnorm.kernels.reference import accumulation_dtype
 from batchnorm.ops import native
 
-__all__ = ["batch_norm", "batch_norm_add", "group_norm", "layer_norm",
-           "update_running_stats_"]
+__all__ = ["batch_norm", "batch_norm_add", "group_norm", "layer_norm"]
 
 _lib = torch.library.Library("batchnorm", "DEF")
 _SCHEMAS = {
-    "batch_norm": "(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, "
-                  "Tensor? running_var, bool training, float eps, int axis=1, int chunk=0, "
+    "batch_norm": "(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+                  "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, bool training, "
+                  "float? momentum, float eps, int axis=1, int chunk=0, "
                   "str activation='identity', float activation_param=0., "
-                  "float[]? renorm_clipping=None, Tensor? renorm_mean=None, "
-                  "Tensor? renorm_var=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+                  "float[]? renorm_clipping=None, Tensor(d!)? renorm_mean=None, "
+                  "Tensor(e!)? renorm_var=None, float renorm_momentum=0.1) "
+                  "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
     "batch_norm_backward": "(Tensor grad_output, Tensor input, Tensor? weight, Tensor? bias, "
                            "Tensor mean, Tensor var, Tensor renorm_r, Tensor renorm_d, "
                            "bool training, float eps, int axis, int chunk, str activation, "
@@ -52,8 +54,9 @@ _SCHEMAS = {
                                           "float activation_param, bool[3] output_mask) "
                                           "-> (Tensor, Tensor, Tensor)",
     "batch_norm_add": "(Tensor input, Tensor residual, Tensor? weight, Tensor? bias, "
-                      "Tensor? running_mean, Tensor? running_var, bool training, float eps, "
-                      "int axis=1, int chunk=0, str activation='identity', "
+                      "Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+                      "Tensor(c!)? num_batches_tracked, bool training, float? momentum, "
+                      "float eps, int axis=1, int chunk=0, str activation='identity', "
                       "float activation_param=0.) -> (Tensor, Tensor, Tensor)",
     "batch_norm_add_backward": "(Tensor grad_output, Tensor input, Tensor residual, "
                                "Tensor? weight, Tensor? bias, Tensor mean, Tensor var, "
@@ -67,9 +70,6 @@ _SCHEMAS = {
                                               "str activation, float activation_param, "
                                               "bool[4] output_mask) "
                                               "-> (Tensor, Tensor, Tensor, Tensor)",
-    "update_running_stats_": "(Tensor(a!) running_mean, Tensor(b!) running_var, "
-                             "Tensor(c!)? num_batches_tracked, Tensor mean, Tensor var, "
-                             "SymInt count, SymInt last_count, float? momentum) -> ()",
     "group_norm": "(Tensor input, Tensor? weight, Tensor? bias, int num_groups, float eps) "
                   "-> (Tensor, Tensor, Tensor)",
     "group_norm_backward": "(Tensor grad_output, Tensor input, Tensor? weight, Tensor? bias, "
@@ -109,18 +109,23 @@ def _plain_native(input, training, axis, chunk, activation, renorm, *tensors):
             and native.handles(input, *tensors, channels_last=not instances))
 
 
-def _batch_norm(input, weight, bias, running_mean, running_var, training, eps, axis=1, chunk=0,
-                activation="identity", activation_param=0.0, renorm_clipping=None,
-                renorm_mean=None, renorm_var=None):
+def _batch_norm(input, weight, bias, running_mean, running_var, num_batches_tracked, training,
+                momentum, eps, axis=1, chunk=0, activation="identity", activation_param=0.0,
+                renorm_clipping=None, renorm_mean=None, renorm_var=None, renorm_momentum=0.1):
     if _plain_native(input, training, axis, chunk, activation, renorm_clipping is not None,
                      weight, bias, running_mean, running_var):
-        return native.batch_norm(input, weight, bias, running_mean, running_var, training, eps,
-                                 instances=chunk == 1)
-    with torch.no_grad():
-        return normalize.batch_norm_forward(
-            kernels.primitives(input), input, weight, bias, running_mean, running_var,
-            training, eps, axis, chunk, activation, activation_param, renorm_clipping,
-            renorm_mean, renorm_var)
+        outputs = native.batch_norm(input, weight, bias, running_mean, running_var, training,
+                                    eps, instances=chunk == 1)
+    else:
+        with torch.no_grad():
+            outputs = normalize.batch_norm_forward(
+                kernels.primitives(input), input, weight, bias, running_mean, running_var,
+                training, eps, axis, chunk, activation, activation_param, renorm_clipping,
+                renorm_mean, renorm_var)
+    if training and running_mean is not None:
+        follow_batch(input.shape, axis, chunk, *outputs[1:3], running_mean, running_var,
+                     num_batches_tracked, momentum, renorm_mean, renorm_var, renorm_momentum)
+    return outputs
 
 
 def _batch_norm_backward(grad_output, input, weight, bias, mean, var, renorm_r, renorm_d,
@@ -139,13 +144,18 @@ def _batch_norm_backward(grad_output, input, weight, bias, mean, var, renorm_r, 
     return tuple(_or_empty(g, input) for g in grads)
 
 
-def _batch_norm_add(input, residual, weight, bias, running_mean, running_var, training, eps,
-                    axis=1, chunk=0, activation="identity", activation_param=0.0):
+def _batch_norm_add(input, residual, weight, bias, running_mean, running_var,
+                    num_batches_tracked, training, momentum, eps, axis=1, chunk=0,
+                    activation="identity", activation_param=0.0):
     with torch.no_grad():
-        return normalize.batch_norm_forward(
+        outputs = normalize.batch_norm_forward(
             kernels.primitives(input), input, weight, bias, running_mean, running_var,
             training, eps, axis, chunk, activation, activation_param, None, None, None,
             residual=residual)[:3]
+    if training and running_mean is not None:
+        follow_batch(input.shape, axis, chunk, *outputs[1:], running_mean, running_var,
+                     num_batches_tracked, momentum, None, None, 0.0)
+    return outputs
 
 
 def _batch_norm_add_backward(grad_output, input, residual, weight, bias, mean, var, training,
@@ -204,7 +214,6 @@ def _layer_norm_backward(grad_output, input, normalized_ndim, weight, bias, mean
 for _name, _impl in (("batch_norm", _batch_norm), ("batch_norm_backward", _batch_norm_backward),
                      ("batch_norm_add", _batch_norm_add),
                      ("batch_norm_add_backward", _batch_norm_add_backward),
-                     ("update_running_stats_", update_running_stats),
                      ("group_norm", _group_norm), ("group_norm_backward", _group_norm_backward),
                      ("layer_norm", _layer_norm), ("layer_norm_backward", _layer_norm_backward)):
     _lib.impl(_name, _impl, "CompositeExplicitAutograd")
@@ -236,9 +245,9 @@ def _fake_stat(input: Tensor, training: bool, axis: int, chunk: int) -> Tensor:
 
 
 @torch.library.register_fake("batchnorm::batch_norm")
-def _(input, weight, bias, running_mean, running_var, training, eps, axis=1, chunk=0,
-      activation="identity", activation_param=0.0, renorm_clipping=None, renorm_mean=None,
-      renorm_var=None):
+def _(input, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum,
+      eps, axis=1, chunk=0, activation="identity", activation_param=0.0, renorm_clipping=None,
+      renorm_mean=None, renorm_var=None, renorm_momentum=0.1):
     stat = _fake_stat(input, training, axis, chunk)
     renorm = training and renorm_clipping is not None
     rd_shape = stat.shape if renorm else (0,)
@@ -253,8 +262,8 @@ def _(grad_output, input, weight, bias, mean, var, renorm_r, renorm_d, training,
 
 
 @torch.library.register_fake("batchnorm::batch_norm_add")
-def _(input, residual, weight, bias, running_mean, running_var, training, eps, axis=1, chunk=0,
-      activation="identity", activation_param=0.0):
+def _(input, residual, weight, bias, running_mean, running_var, num_batches_tracked, training,
+      momentum, eps, axis=1, chunk=0, activation="identity", activation_param=0.0):
     stat = _fake_stat(input, training, axis, chunk)
     return _like_output(input, axis), stat, torch.empty_like(stat)
 
@@ -264,11 +273,6 @@ def _(grad_output, input, residual, weight, bias, mean, var, training, eps, axis
       activation, activation_param, output_mask):
     return (*_fake_grads(input, weight, bias, output_mask, axis),
             _like_output(input, axis) if output_mask[3] else input.new_empty((0,)))
-
-
-@torch.library.register_fake("batchnorm::update_running_stats_")
-def _(running_mean, running_var, num_batches_tracked, mean, var, count, last_count, momentum):
-    return None
 
 
 @torch.library.register_fake("batchnorm::group_norm")
@@ -365,8 +369,8 @@ for _name, _impl in (("batch_norm_backward_differentiable", _batch_norm_backward
 # backward itself is being differentiated.
 
 def _setup_batch_norm(ctx, inputs, output):
-    (input, weight, bias, _, _, training, eps, axis, chunk, activation, activation_param,
-     _, _, _) = inputs
+    (input, weight, bias, _, _, _, training, _, eps, axis, chunk, activation,
+     activation_param, *_) = inputs
     _, mean, var, r, d = output
     ctx.mark_non_differentiable(mean, var, r, d)
     ctx.save_for_backward(input, weight, bias, mean, var, r, d)
@@ -380,11 +384,11 @@ def _backward_batch_norm(ctx, grad_output, *_):
                 if torch.is_grad_enabled() else torch.ops.batchnorm.batch_norm_backward)
     grads = backward.default(grad_output, input, weight, bias, mean, var, r, d, *ctx.options,
                              needs)
-    return (*_grads_or_none(grads, needs), *(None,) * 11)
+    return _grads_or_none(grads, needs)
 
 
 def _setup_batch_norm_add(ctx, inputs, output):
-    (input, residual, weight, bias, _, _, training, eps, axis, chunk, activation,
+    (input, residual, weight, bias, _, _, _, training, _, eps, axis, chunk, activation,
      activation_param) = inputs
     _, mean, var = output
     ctx.mark_non_differentiable(mean, var)
@@ -400,7 +404,7 @@ def _backward_batch_norm_add(ctx, grad_output, *_):
     grad_input, grad_weight, grad_bias, grad_residual = _grads_or_none(
         backward.default(grad_output, input, residual, weight, bias, mean, var, *ctx.options,
                          needs), needs)
-    return (grad_input, grad_residual, grad_weight, grad_bias, *(None,) * 8)
+    return grad_input, grad_residual, grad_weight, grad_bias
 
 
 def _setup_group_norm(ctx, inputs, output):
@@ -421,7 +425,7 @@ def _backward_group_norm(ctx, grad_output, *_):
     else:
         grads = torch.ops.batchnorm.group_norm_backward.default(
             grad_output, input, weight, bias, mean, invstd, num_groups, needs)
-    return (*_grads_or_none(grads, needs), None, None)
+    return _grads_or_none(grads, needs)
 
 
 def _setup_layer_norm(ctx, inputs, output):
@@ -443,14 +447,14 @@ def _backward_layer_norm(ctx, grad_output, *_):
         grads = torch.ops.batchnorm.layer_norm_backward.default(
             grad_output, input, normalized_ndim, weight, bias, mean, invstd, needs)
     grads = _grads_or_none(grads, needs)
-    return grads[0], None, grads[1], grads[2], None
+    return grads[0], None, grads[1], grads[2]
 
 
 def _register_autograd(name: str, backward, setup_context) -> None:
     """What ``torch.library.register_autograd`` registers (an Autograd kernel: an
     autograd.Function around the call below autograd), with the arguments the dispatcher
     drops for equalling their defaults filled from a table read once: torch's version
-    re-reads the schema per argument on every call, ~100 us for batch_norm's 14 arguments
+    re-reads the schema per argument on every call, ~100 us for batch_norm's 17 arguments
     on the 2-core machine, which the CUDA and composite paths paid per layer call."""
     op = getattr(torch.ops.batchnorm, name).default
     defaults = tuple(argument.default_value for argument in op._schema.arguments)
@@ -463,8 +467,9 @@ def _register_autograd(name: str, backward, setup_context) -> None:
         setup_context(ctx, args, output)
         return output
 
-    def backward_with_keyset(ctx, *grads):
-        return (*backward(ctx, *grads), None)
+    def backward_with_keyset(ctx, *grads):  # None for the arguments after the last gradient
+        grads = backward(ctx, *grads)
+        return (*grads, *(None,) * (len(defaults) + 1 - len(grads)))
 
     # named as the C++ CPU nodes are: BatchNorm -> "BatchNormBackward" in grad_fn.name()
     node = type(name.title().replace("_", ""), (torch.autograd.Function,),
@@ -489,7 +494,6 @@ batch_norm = torch.ops.batchnorm.batch_norm.default
 batch_norm_add = torch.ops.batchnorm.batch_norm_add.default
 group_norm = torch.ops.batchnorm.group_norm.default
 layer_norm = torch.ops.batchnorm.layer_norm.default
-update_running_stats_ = torch.ops.batchnorm.update_running_stats_.default
 
 # The compiled CPU and AutogradCPU implementations (batchnorm/csrc) register when their
 # library loads: here if the cache holds a build of the current sources, else at the first

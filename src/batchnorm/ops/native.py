@@ -6,9 +6,9 @@ BatchNorm, InstanceNorm and LayerNorm outputs by up to 12x, GroupNorm's weight g
 
 This goes to ``aten::native_batch_norm`` directly, never through ``aten::batch_norm``,
 which may pick cuDNN. The operators' contract stays ours:
-the forward returns the biased batch variance (for the running statistics, which
-:func:`batchnorm.ops.update_running_stats_` updates only for a finite batch) and checks the
-statistics exactly as the composite does. InstanceNorm is BatchNorm of the input viewed
+the forward returns the biased batch variance (from which the operator moves the running
+statistics, only for a finite batch) and checks the statistics exactly as the composite
+does. InstanceNorm is BatchNorm of the input viewed
 as ``(1, N * C, L)``, as torch computes it. The variants (fused activation, residual, ghost
 batches, Batch Renormalization), channels-last InstanceNorm and GroupNorm, and half
 precision keep the device's kernel primitives.
