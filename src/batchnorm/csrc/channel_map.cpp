@@ -157,7 +157,7 @@ at::Tensor normalize(const at::Tensor& x_in, const at::Tensor* residual_in,
   const at::Tensor mean = table_arg(mean_in, s.chunks, s.channels, acc, op, "mean");
   const at::Tensor scale = table_arg(scale_in, s.chunks, s.channels, acc, op, "scale");
   const at::Tensor shift = table_arg(shift_in, s.chunks, s.channels, acc, op, "shift");
-  at::Tensor y = at::empty_like(x);
+  at::Tensor y = empty_output(x.sizes(), x.scalar_type());
   if (x.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_normalize",
                                   [&] {
@@ -197,8 +197,9 @@ std::tuple<at::Tensor, at::Tensor> backward_input(
       table_arg(k1, s.chunks, s.channels, acc, op, "k1"),
       table_arg(k0, s.chunks, s.channels, acc, op, "k0"),
       table_arg(k2, s.chunks, s.channels, acc, op, "k2")};
-  at::Tensor dx = at::empty_like(x);
-  at::Tensor dr = residual.defined() ? at::empty_like(x) : at::Tensor();
+  at::Tensor dx = empty_output(x.sizes(), x.scalar_type());
+  at::Tensor dr =
+      residual.defined() ? empty_output(x.sizes(), x.scalar_type()) : at::Tensor();
   if (x.numel() == 0) return {dx, dr};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                   "channel_backward_input", [&] {

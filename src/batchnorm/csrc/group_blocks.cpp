@@ -137,7 +137,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_blocks_forward(
     double eps) {
   const GroupShape s = group_shape(x, groups);
   const auto options = x.options().dtype(at::toOpMathType(x.scalar_type()));
-  at::Tensor y = at::empty_like(x);
+  at::Tensor y = empty_output(x.sizes(), x.scalar_type());
   at::Tensor mean = at::empty({x.size(0), groups}, options);
   at::Tensor invstd = at::empty({x.size(0), groups}, options);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
@@ -152,7 +152,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_blocks_backward(
     const at::Tensor& weight, int64_t groups, bool input_gradient) {
   const GroupShape s = group_shape(x, groups);
   const auto options = mean.options();
-  at::Tensor dx = input_gradient ? at::empty_like(x) : at::Tensor();
+  at::Tensor dx =
+      input_gradient ? empty_output(x.sizes(), x.scalar_type()) : at::Tensor();
   at::Tensor sum_dy = at::empty({x.size(0), s.channels()}, options);
   at::Tensor sum_dy_xc = at::empty({x.size(0), s.channels()}, options);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),

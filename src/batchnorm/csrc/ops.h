@@ -61,4 +61,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_blocks_backward(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
     const at::Tensor& weight, int64_t groups, bool input_gradient);
 
+// An uninitialized contiguous CPU tensor for a kernel's output, in memory reused from freed
+// outputs when it is large (output_cache.cpp).
+at::Tensor empty_output(c10::IntArrayRef sizes, at::ScalarType dtype);
+
 }  // namespace batchnorm_cpu

@@ -158,7 +158,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rows_forward(
   const int64_t K = x.size(1);
   const at::Tensor weight = column_param(weight_in, K, options, 1.0, op, "weight");
   const at::Tensor bias = column_param(bias_in, K, options, 0.0, op, "bias");
-  at::Tensor y = at::empty_like(x);
+  at::Tensor y = empty_output(x.sizes(), x.scalar_type());
   at::Tensor mean = at::empty({x.size(0)}, options);
   at::Tensor invstd = at::empty({x.size(0)}, options);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
@@ -187,7 +187,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rows_backward(
   const at::Tensor mean = as_accumulation(mean_in, options);
   const at::Tensor invstd = as_accumulation(invstd_in, options);
   const at::Tensor weight = column_param(weight_in, K, options, 1.0, op, "weight");
-  at::Tensor dx = at::empty_like(x);
+  at::Tensor dx = empty_output(x.sizes(), x.scalar_type());
   at::Tensor sum_dy_xhat = at::zeros({K}, options);
   at::Tensor sum_dy = at::zeros({K}, options);
   if (R == 0) return {dx, sum_dy_xhat, sum_dy};

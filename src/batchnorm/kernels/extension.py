@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 
 NAMESPACE = "batchnorm_cpu"
-SOURCES = ("ops.cpp", "channel_reduce.cpp", "channel_map.cpp", "rows.cpp", "group_blocks.cpp",
-           "norm_ops.cpp", "autograd.cpp")
+SOURCES = ("ops.cpp", "output_cache.cpp", "channel_reduce.cpp", "channel_map.cpp", "rows.cpp",
+           "group_blocks.cpp", "norm_ops.cpp", "autograd.cpp")
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 CACHE_ENV = "BATCHNORM_CACHE_DIR"
 
