@@ -58,6 +58,17 @@ def test_outputs_in_reused_memory_are_ordinary_resizable_tensors():
     assert y.numpy()[:10].tolist() == head.tolist()
 
 
+def test_the_memory_profile_counts_outputs_in_reused_memory():
+    layer = batchnorm.BatchNorm2d(SHAPE[1]).eval()
+    x = torch.randn(SHAPE)
+    with torch.no_grad():
+        layer(x)
+        with torch.profiler.profile(profile_memory=True) as profile:
+            layer(x)
+    usage = {event.key: event.cpu_memory_usage for event in profile.key_averages()}
+    assert usage["batchnorm::batch_norm"] >= x.numel() * x.element_size()
+
+
 def _run_with_limit(limit: str) -> subprocess.CompletedProcess:
     """:func:`_faults_of_second_call` in a process that reads this cache limit."""
     code = (f"import runpy; test = runpy.run_path({str(Path(__file__))!r}); "

@@ -9,7 +9,8 @@
 // kMinBytes are kept when freed, up to a limit (BATCHNORM_OUTPUT_CACHE_MB, read once;
 // default 1024, 0 turns the cache off), and handed to the next output of the same rounded
 // size; the least recently freed go back first. Storage stays resizable (the allocator is
-// the storage's); smaller tensors use torch's allocator.
+// the storage's); smaller tensors use torch's allocator. torch.profiler's memory profile
+// sees a block allocated while a tensor holds it, as it sees torch's own allocations.
 #include <ATen/EmptyTensor.h>
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
@@ -49,6 +50,7 @@ class OutputCache final : public c10::Allocator {
     const size_t size = (bytes + kGranule - 1) / kGranule * kGranule;
     Block* block = take(size);
     if (block == nullptr) block = new Block{c10::alloc_cpu(size), size};
+    c10::profiledCPUMemoryReporter().New(block->data, size);
     return {block->data, block, &release, c10::Device(c10::DeviceType::CPU)};
   }
 
@@ -76,7 +78,9 @@ class OutputCache final : public c10::Allocator {
   }
 
   static void release(void* context) {
-    instance().keep(static_cast<Block*>(context));
+    Block* block = static_cast<Block*>(context);
+    c10::profiledCPUMemoryReporter().Delete(block->data);
+    instance().keep(block);
   }
 
   void keep(Block* block) {
