@@ -99,16 +99,15 @@ def _batch_norm_args(shape, training, chunk, clipping, activation, dtype, channe
             chunk, activation, 0.0, clipping, None, None)
 
 
-def _batch_norm_operator(args, num_batches_tracked=None, momentum=0.1):
-    """The operator on the same arguments; it moves the running buffers it is given in
-    training, so it gets copies unless ``num_batches_tracked`` asks for the update."""
+def _batch_norm_operator(args):
+    """The operator on the same arguments, with copies of the running buffers: it moves
+    the buffers it is given in training, which the composite it is compared with reads."""
     (x, weight, bias, running_mean, running_var, training, eps, axis, chunk, activation,
      param, clipping, renorm_mean, renorm_var) = args
-    if num_batches_tracked is None and running_mean is not None:
+    if running_mean is not None:
         running_mean, running_var = running_mean.clone(), running_var.clone()
-    return ops.batch_norm(x, weight, bias, running_mean, running_var, num_batches_tracked,
-                          training, momentum, eps, axis, chunk, activation, param, clipping,
-                          renorm_mean, renorm_var)
+    return ops.batch_norm(x, weight, bias, running_mean, running_var, None, training, 0.1, eps,
+                          axis, chunk, activation, param, clipping, renorm_mean, renorm_var)
 
 
 def _batch_norm_backward(prims, args, forward):

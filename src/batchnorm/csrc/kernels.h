@@ -331,7 +331,8 @@ inline Activation parse_activation(c10::string_view name, const char* op) {
   if (name == "leaky_relu") return Activation::leaky_relu;
   if (name == "elu") return Activation::elu;
   if (name == "silu") return Activation::silu;
-  TORCH_CHECK(false, op, ": activation must be one of identity, relu, relu6, leaky_relu, elu, silu; got '",
+  TORCH_CHECK(false, op,
+              ": activation must be one of identity, relu, relu6, leaky_relu, elu, silu; got '",
               std::string(name.data(), name.size()), "'");
 }
 

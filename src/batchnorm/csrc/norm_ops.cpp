@@ -325,7 +325,7 @@ void update_running_stats(const Tensor& running_mean, const Tensor& running_var,
   const Tensor mean_table = mean.contiguous();
   const Tensor var_table = var.contiguous();
   const std::array<const Tensor*, 2> running = {&running_mean, &running_var};
-  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "update_running_stats_", [&] {
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "update_running_stats", [&] {
     using acc_t = scalar_t;
     const acc_t* m = mean_table.const_data_ptr<acc_t>();
     const acc_t* v = var_table.const_data_ptr<acc_t>();
@@ -378,7 +378,7 @@ void update_running_stats(const Tensor& running_mean, const Tensor& running_var,
     for (int k = 0; k < 2; ++k) {
       const acc_t* values = new_mean + k * channels;
       const auto dtype = running[k]->scalar_type();
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "update_running_stats_",
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "update_running_stats",
                                       [&] {
         bool finite = true;
         for (int64_t c = 0; c < channels; ++c) {
@@ -405,7 +405,7 @@ void update_running_stats(const Tensor& running_mean, const Tensor& running_var,
         continue;
       }
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, buffer.scalar_type(),
-                                      "update_running_stats_", [&] {
+                                      "update_running_stats", [&] {
         scalar_t* out = buffer.mutable_data_ptr<scalar_t>();
         for (int64_t c = 0; c < channels; ++c) out[c] = static_cast<scalar_t>(values[c]);
       });
