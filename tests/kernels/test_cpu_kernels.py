@@ -27,10 +27,13 @@ ACTIVATIONS = [("identity", 0.0), ("relu", 0.0), ("relu6", 0.0), ("leaky_relu", 
                ("elu", 0.7), ("silu", 0.0)]
 # (P, C, Q), chunk: one chunk, several, an uneven last chunk, chunk > P; Q == 1 and short Q
 # (columns), long Q not a multiple of the vector width (segments), a segment longer than
-# one float32 run of the accumulator, and enough rows for several row blocks
+# one float32 run of the accumulator, enough rows for several row blocks, and few rows of
+# many columns (summed in column parts with more than one thread; 300 is no multiple of a
+# vector, so the last part ends in a partial vector)
 CASES = [
     ((64, 30, 1), 64), ((64, 30, 1), 1), ((64, 30, 1), 5), ((64, 30, 1), 100),
     ((300, 13, 1), 300), ((300, 13, 1), 128), ((300, 13, 1), 7),
+    ((100, 300, 1), 100), ((100, 300, 1), 30), ((200, 150, 2), 200),
     ((130, 5, 3), 130), ((130, 5, 3), 20),
     ((6, 9, 17), 6), ((6, 9, 17), 1), ((6, 9, 17), 4),
     ((4, 3, 100), 2), ((4, 3, 100), 3), ((3, 2, 2500), 3),
@@ -297,8 +300,11 @@ def test_nan_gradient_reaches_the_sums_of_its_group_only(shape, chunk):
 
 # few (chunk, channel) items of many values: the rows of a group are split into blocks
 LONG_GROUPS = ((6, 2, 100_000), 6)
+# few rows of many columns: split into column parts whose number follows the thread count
+WIDE_ROWS = ((100, 300, 1), 100)
 DETERMINISM_CASES = [((3000, 24, 1), 3000), ((3000, 24, 1), 700), ((2000, 10, 3), 2000),
-                     ((16, 12, 300), 16), ((16, 12, 300), 3), LONG_GROUPS]
+                     ((16, 12, 300), 16), ((16, 12, 300), 3), LONG_GROUPS, WIDE_ROWS,
+                     ((100, 300, 1), 30)]
 
 
 def under_threads(threads: int, function, *args):

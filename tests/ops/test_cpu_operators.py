@@ -176,6 +176,28 @@ def test_batch_norm_matches_the_composite_over_the_same_kernels(case, dtype, cha
     _check(actual_grads, expected_grads, dtype, tolerance, tolerance, "backward")
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["NCHW", "channels_last"])
+def test_a_gradient_in_the_other_memory_format_gives_the_same_gradients(channels_last):
+    """The backward operators read the gradient in the input's memory order: one laid out
+    the other way is copied into it, not read as if it were."""
+    x = _data((6, 4, 5, 5), torch.float32, channels_last, 3.0)
+    p = _parameters(4, torch.float32)
+    weight, bias = p["weight"], p["bias"]
+    dy = torch.cos(torch.arange(x.numel(), dtype=torch.float32)).view(x.shape)
+    layouts = [dy.contiguous(memory_format=torch.channels_last), dy]
+    same, other = layouts if channels_last else layouts[::-1]
+    _, mean, var, r, d = ops.batch_norm(x, weight, bias, None, None, None, True, 0.1, EPS)
+    _, group_mean, group_invstd = ops.group_norm(x, weight, bias, 2, EPS)
+    backwards = [
+        lambda g: ops.batch_norm_backward(g, x, weight, bias, mean, var, r, d, True, EPS, 1, 0,
+                                          "identity", 0.0, [True, True, True]),
+        lambda g: ops.group_norm_backward(g, x, weight, bias, group_mean, group_invstd, 2,
+                                          [True, True, True])]
+    for backward in backwards:
+        for actual, expected in zip(backward(other), backward(same), strict=True):
+            assert actual.stride() == expected.stride() and torch.equal(actual, expected)
+
+
 def _statistics_counts(shape: tuple[int, ...], chunk: int) -> tuple[int, int]:
     values = torch.Size(shape).numel() // shape[1]
     if not chunk:

@@ -15,18 +15,37 @@
 namespace batchnorm_cpu {
 namespace {
 
-// Adds one row of the terms into the float column accumulators. Rows are visited one at a
-// time, in memory order: one sequential stream, which the hardware prefetches better than
-// several rows interleaved (1.5x the bandwidth at C = 128). Captures by value (see over_run).
+// Adds columns [begin, end) of one row of the terms into the float column accumulators.
+// Rows are visited one at a time, in memory order: one sequential stream, which the hardware
+// prefetches better than several rows interleaved (1.5x the bandwidth at C = 128). Captures
+// by value (see over_run).
 template <typename acc_t, typename Terms>
-inline void add_row(const Terms terms, int64_t group, int64_t row, int64_t columns,
+inline void add_row(const Terms terms, int64_t group, int64_t row, int64_t begin, int64_t end,
                     acc_t* first, acc_t* second) {
   using Vec = Vectorized<acc_t>;
-  over_run<Vec::size()>(columns, [=](int64_t j, int64_t count) {
+  over_run<Vec::size()>(end - begin, [=](int64_t i, int64_t count) {
+    const int64_t j = begin + i;
     auto [a, b] = terms(group, row, j, count);
     (Vec::loadu(first + j) + a).store(first + j);
     (Vec::loadu(second + j) + b).store(second + j);
   });
+}
+
+// Column parts of a column reduction whose row tasks (groups x row blocks) are too few for
+// the threads: few rows of many columns (channels-last on a small image, a wide
+// BatchNorm1d). Each part sums a vector-aligned column range; columns sum independently, so
+// the sums do not depend on the split. Parts keep at least kPartValues values each.
+constexpr int64_t kTasksPerThread = 4;
+constexpr int64_t kPartValues = 4096;
+
+template <typename acc_t>
+int64_t column_parts(int64_t row_tasks, int64_t task_rows, int64_t padded) {
+  const int64_t threads = at::get_num_threads();
+  if (threads == 1 || row_tasks >= kTasksPerThread * threads) return 1;
+  const int64_t wanted = (kTasksPerThread * threads + row_tasks - 1) / row_tasks;
+  const int64_t vectors = padded / Vectorized<acc_t>::size();
+  return std::clamp<int64_t>(std::min({wanted, task_rows * padded / kPartValues, vectors}), 1,
+                             vectors);
 }
 
 // Column sums of two terms over each group's rows of the (P, W = C * Q) matrix:
@@ -35,51 +54,62 @@ inline void add_row(const Terms terms, int64_t group, int64_t row, int64_t colum
 // receives the double sums of the group's W columns (arrays padded to the vector width, its
 // own to overwrite).
 // Each group's rows are split into row_blocks() blocks; a block sums in float over at most
-// kFlushRows rows at a time, then in double; blocks are merged in block order.
+// kFlushRows rows at a time, then in double; blocks are merged in block order. A task sums
+// one block over one column part.
 template <typename acc_t, typename Terms, typename Finish>
 void column_sums(const ChannelShape& s, const Terms terms, const Finish& finish) {
+  constexpr int64_t width = Vectorized<acc_t>::size();
   const int64_t columns = s.width();
-  const int64_t padded = round_up(columns, Vectorized<acc_t>::size());
+  const int64_t padded = round_up(columns, width);
   const int64_t blocks = row_blocks(s.group_rows());
-  std::vector<double> partial(blocks > 1 ? s.chunks * blocks * 2 * padded : 0);
+  const int64_t block_rows = s.group_rows() / blocks;
+  const int64_t parts = column_parts<acc_t>(s.chunks * blocks, block_rows, padded);
+  const int64_t part_vectors = (padded / width + parts - 1) / parts;
+  const bool merged = blocks > 1 || parts > 1;  // finish after every task
+  std::vector<double> partial(merged ? s.chunks * blocks * 2 * padded : 0);
 
-  at::parallel_for(0, s.chunks * blocks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, s.chunks * blocks * parts, grain_for(block_rows * part_vectors * width),
+                   [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(2 * padded, acc_t(0));  // zero again after every flush
-    std::vector<double> own_total(blocks > 1 ? 0 : 2 * padded);
+    std::vector<double> own_total(merged ? 0 : 2 * padded);
     acc_t* first = acc.data();
     acc_t* second = first + padded;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t group = task / blocks;
-      const int64_t block = task - group * blocks;
+      const int64_t group = task / (blocks * parts);
+      const int64_t block = task / parts - group * blocks;
+      const int64_t part = task % parts;
+      const int64_t column_begin = std::min(columns, part * part_vectors * width);
+      const int64_t column_end = std::min(columns, (part + 1) * part_vectors * width);
       const int64_t group_begin = s.begin(group);
       const int64_t group_rows = s.end(group) - group_begin;
       const int64_t row_end = group_begin + (block + 1) * group_rows / blocks;
-      double* total = blocks > 1 ? partial.data() + task * 2 * padded : own_total.data();
+      double* total = merged ? partial.data() + (group * blocks + block) * 2 * padded
+                             : own_total.data();
       bool flushed = false;
       auto flush = [&, first, total] {
-        const int64_t n = 2 * padded;
-        if (flushed) {
-          for (int64_t k = 0; k < n; ++k) total[k] += static_cast<double>(first[k]);
-        } else {
-          for (int64_t k = 0; k < n; ++k) total[k] = static_cast<double>(first[k]);
+        for (const int64_t half : {int64_t(0), padded}) {
+          for (int64_t k = half + column_begin; k < half + column_end; ++k) {
+            total[k] = flushed ? total[k] + static_cast<double>(first[k])
+                               : static_cast<double>(first[k]);
+            first[k] = acc_t(0);
+          }
         }
-        std::fill(first, first + n, acc_t(0));
         flushed = true;
       };
       int64_t since_flush = 0;
       for (int64_t row = group_begin + block * group_rows / blocks; row < row_end; ++row) {
-        add_row(terms, group, row, columns, first, second);
+        add_row(terms, group, row, column_begin, column_end, first, second);
         if (++since_flush == kFlushRows) {
           flush();
           since_flush = 0;
         }
       }
       if (since_flush > 0 || !flushed) flush();
-      if (blocks == 1) finish(group, total, total + padded);
+      if (!merged) finish(group, total, total + padded);
     }
   });
 
-  if (blocks > 1) {
+  if (merged) {
     at::parallel_for(0, s.chunks, 1, [&](int64_t begin, int64_t end) {
       std::vector<double> total(2 * padded);
       for (int64_t group = begin; group < end; ++group) {

@@ -177,18 +177,34 @@ bool is_channels_last(const Tensor& x, int64_t axis) {
   return true;
 }
 
-// batchnorm.core.layout.channel_view: x as (P, C, Q).
+// batchnorm.core.layout.channel_view: x as (P, C, Q), in channels-last order (P, C, 1) when
+// channels_last. Views are built from strides (no dispatcher round trip per view: several of
+// them cost as much as a small layer's kernels); a tensor not laid out as asked is copied.
 Tensor channel_view(const Tensor& x, int64_t axis, bool channels_last) {
   const int64_t channels = x.size(axis);
-  if (channels_last) return x.movedim(axis, -1).reshape({-1, channels, 1});
-  return view_of(x.contiguous(), {product(x.sizes(), 0, axis), channels,
-                                  product(x.sizes(), axis + 1, x.dim())});
+  if (!channels_last) {
+    return view_of(x.contiguous(), {product(x.sizes(), 0, axis), channels,
+                                    product(x.sizes(), axis + 1, x.dim())});
+  }
+  if (!is_channels_last(x, axis)) return x.movedim(axis, -1).reshape({-1, channels, 1});
+  return at::native::as_strided_tensorimpl(x, {x.numel() / channels, channels, 1},
+                                           {channels, 1, 1}, x.storage_offset());
 }
 
-// batchnorm.core.layout.restore: a (P, C, Q) result in the shape and memory order of `like`.
+// batchnorm.core.layout.restore: a (P, C, Q) result in the shape and memory order of `like`:
+// with channels_last, channel `axis` innermost, then the other dims from the last to the first.
 Tensor restore(const Tensor& y, const Tensor& like, int64_t axis, bool channels_last) {
   if (!channels_last) return view_of(y, like.sizes());
-  return y.view(like.movedim(axis, -1).sizes()).movedim(-1, axis);
+  const auto sizes = like.sizes();
+  std::vector<int64_t> strides(sizes.size());
+  int64_t next = sizes[axis];
+  strides[axis] = 1;
+  for (int64_t d = like.dim() - 1; d >= 0; --d) {
+    if (d == axis) continue;
+    strides[d] = next;
+    next *= sizes[d];
+  }
+  return at::native::as_strided_tensorimpl(y, sizes, strides, y.storage_offset());
 }
 
 // batchnorm.core.layout.rows_per_sample.
