@@ -34,14 +34,18 @@ inline void add_row(const Terms terms, int64_t group, int64_t row, int64_t begin
 // Column parts of a column reduction whose row tasks (groups x row blocks) are too few for
 // the threads: few rows of many columns (channels-last on a small image, a wide
 // BatchNorm1d). Each part sums a vector-aligned column range; columns sum independently, so
-// the sums do not depend on the split. Parts keep at least kPartValues values each.
+// the sums do not depend on the split. Parts keep at least kPartValues values each; a
+// reduction too small to run in parallel keeps whole rows.
 constexpr int64_t kTasksPerThread = 4;
 constexpr int64_t kPartValues = 4096;
 
 template <typename acc_t>
 int64_t column_parts(int64_t row_tasks, int64_t task_rows, int64_t padded) {
   const int64_t threads = at::get_num_threads();
-  if (threads == 1 || row_tasks >= kTasksPerThread * threads) return 1;
+  if (threads == 1 || row_tasks >= kTasksPerThread * threads ||
+      row_tasks * task_rows * padded <= kGrainValues) {
+    return 1;
+  }
   const int64_t wanted = (kTasksPerThread * threads + row_tasks - 1) / row_tasks;
   const int64_t vectors = padded / Vectorized<acc_t>::size();
   return std::clamp<int64_t>(std::min({wanted, task_rows * padded / kPartValues, vectors}), 1,
