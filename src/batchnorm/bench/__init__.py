@@ -56,7 +56,7 @@ def allocation_note(keep_freed_memory: bool) -> str:
     """How large outputs get their memory: the main cost of the largest cases."""
     note = ("freed memory kept mapped (--keep-freed-memory)" if keep_freed_memory
             else "default glibc allocator (outputs over 32 MiB page-fault on every call); "
-                 "our CPU kernels' outputs of 1 MiB or more reuse the memory of freed ones")
+                 "our CPU kernels' outputs of 128 KiB or more reuse the memory of freed ones")
     settings = [f"{name}={os.environ[name]}" for name in
                 ("THP_MEM_ALLOC_ENABLE", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
                  "BATCHNORM_OUTPUT_CACHE_MB") if name in os.environ]

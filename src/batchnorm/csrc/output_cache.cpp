@@ -1,16 +1,19 @@
 // Memory for the kernels' large outputs (y, dx), reused from outputs freed earlier.
 //
 // A normalization touches each byte of its output once, so on a fresh page the first write
-// costs more than the arithmetic: glibc maps blocks over its mmap threshold (up to 32 MiB)
-// anew on every allocation and returns them on free, and trims the heap top: an eval
-// BatchNorm2d forward with a 51 MB output took 33-37 ms on the 2-core development machine,
-// with torch's kernels as with ours, and 5-6 ms in memory already mapped. Training and
+// costs more than the arithmetic: glibc maps blocks over its mmap threshold (128 KiB at
+// first, raised as such blocks are freed, up to 32 MiB) anew on every allocation and returns
+// them on free, and trims the heap top: an eval BatchNorm2d forward with a 51 MB output took
+// 33-37 ms on the 2-core development machine, with torch's kernels as with ours, and 5-6 ms
+// in memory already mapped; a chain of BatchNorm1d layers on 200x784 (627 KB outputs)
+// page-faulted 8-90 times per layer call, as glibc's heap happened to lie. Training and
 // inference loops free and allocate the same sizes step after step, so blocks of at least
-// kMinBytes are kept when freed, up to a limit (BATCHNORM_OUTPUT_CACHE_MB, read once;
-// default 1024, 0 turns the cache off), and handed to the next output of the same rounded
-// size; the least recently freed go back first. Storage stays resizable (the allocator is
-// the storage's); smaller tensors use torch's allocator. torch.profiler's memory profile
-// sees a block allocated while a tensor holds it, as it sees torch's own allocations.
+// kMinBytes (glibc's first threshold) are kept when freed, up to a limit
+// (BATCHNORM_OUTPUT_CACHE_MB, read once; default 1024, 0 turns the cache off), and handed to
+// the next output of the same rounded size, most recently freed first; the least recently
+// freed go back first. Storage stays resizable (the allocator is the storage's); smaller
+// tensors use torch's allocator. torch.profiler's memory profile sees a block allocated
+// while a tensor holds it, as it sees torch's own allocations.
 #include <ATen/EmptyTensor.h>
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
@@ -25,7 +28,7 @@
 namespace batchnorm_cpu {
 namespace {
 
-constexpr size_t kMinBytes = size_t(1) << 20;
+constexpr size_t kMinBytes = size_t(1) << 17;
 constexpr size_t kGranule = size_t(1) << 16;
 
 size_t cache_limit_bytes() {
