@@ -14,6 +14,10 @@ input's own precision.
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -477,3 +481,47 @@ def test_rows_kernels_are_bitwise_identical_for_any_thread_count():
             many = under_threads(threads, function, *args)
             for a, b in zip(one, many, strict=True):
                 assert torch.equal(a, b), f"{function.__name__} differs with {threads} threads"
+
+
+def map_outputs() -> list[torch.Tensor]:
+    """Outputs of every elementwise map, plain and residual, in both loop regimes (a vector
+    multiple and not), float32 and float64, for comparing runs under different store kinds."""
+    torch.manual_seed(0)
+    outputs = []
+    for shape, dtype in [((9, 5, 64), torch.float32), ((40, 24, 1), torch.float32),
+                         ((7, 3, 37), torch.float64), ((33, 10, 1), torch.float64)]:
+        x = sample(shape, dtype)
+        r = sample(shape, dtype, offset=-0.5)
+        dy = sample(shape, dtype, offset=0.0)
+        mean, scale, shift, k1, k0, k2 = tables(x, 4, count=6)
+        options = (4, "silu", 0.0)
+        outputs += [cpu.channel_normalize(x, mean, scale, shift, *options),
+                    cpu.channel_normalize_residual(x, r, mean, scale, shift, *options),
+                    cpu.channel_backward_input(dy, x, mean, scale, shift, k1, k0, k2, *options),
+                    *cpu.channel_backward_input_residual(dy, x, r, mean, scale, shift, k1, k0,
+                                                         k2, *options)]
+    return outputs
+
+
+def run_maps_with_stream_limit(limit: str, out: Path) -> subprocess.CompletedProcess:
+    """:func:`map_outputs` saved to ``out`` by a process that reads this BATCHNORM_STREAM_MB."""
+    code = (f"import runpy, torch; test = runpy.run_path({str(Path(__file__))!r}); "
+            f"torch.save(test['map_outputs'](), {str(out)!r})")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "BATCHNORM_STREAM_MB": limit}, timeout=300)
+
+
+def test_streamed_outputs_equal_stored_ones(tmp_path):
+    """Outputs from BATCHNORM_STREAM_MB up (default: the last-level cache's size) are written
+    with non-temporal stores; at 0 every output is, and the values are the same bits."""
+    run = run_maps_with_stream_limit("0", tmp_path / "streamed.pt")
+    assert run.returncode == 0, run.stderr
+    streamed = torch.load(tmp_path / "streamed.pt", weights_only=True)
+    for index, (a, b) in enumerate(zip(streamed, map_outputs(), strict=True)):
+        assert torch.equal(a, b), f"output {index} differs when streamed"
+
+
+def test_a_bad_stream_limit_is_named(tmp_path):
+    run = run_maps_with_stream_limit("big", tmp_path / "unused.pt")
+    assert run.returncode != 0
+    assert "BATCHNORM_STREAM_MB must be a non-negative integer (MiB), got 'big'" in run.stderr

@@ -53,13 +53,15 @@ def machine() -> dict[str, object]:
 
 
 def allocation_note(keep_freed_memory: bool) -> str:
-    """How large outputs get their memory: the main cost of the largest cases."""
+    """How large outputs get and write their memory: the main cost of the largest cases."""
     note = ("freed memory kept mapped (--keep-freed-memory)" if keep_freed_memory
             else "default glibc allocator (outputs over 32 MiB page-fault on every call); "
                  "our CPU kernels' outputs of 128 KiB or more reuse the memory of freed ones")
+    note += ("; our BatchNorm outputs the size of the last-level cache or more are written "
+             "with non-temporal stores")
     settings = [f"{name}={os.environ[name]}" for name in
                 ("THP_MEM_ALLOC_ENABLE", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
-                 "BATCHNORM_OUTPUT_CACHE_MB") if name in os.environ]
+                 "BATCHNORM_OUTPUT_CACHE_MB", "BATCHNORM_STREAM_MB") if name in os.environ]
     return note + "".join(f", {setting}" for setting in settings)
 
 

@@ -6,6 +6,8 @@
 // Long segments (Q >= ChannelShape::kSegmentMinLength) run one (row, channel) segment per
 // item with scalar table entries, vectorized along Q; short ones one row of C * Q values
 // per item with the tables spread over the columns, vectorized along the row.
+#include <unistd.h>
+
 #include <array>
 
 #include "kernels.h"
@@ -13,6 +15,25 @@
 
 namespace batchnorm_cpu {
 namespace {
+
+// Outputs at least as large as the last-level cache (BATCHNORM_STREAM_MB overrides its size)
+// are written with non-temporal stores: they cannot stay in cache for their reader anyway,
+// and an ordinary store first reads each line it writes, one more pass over memory.
+bool streams(const at::Tensor& out) {
+  static const size_t bytes = [] {
+    const long cache = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    return megabytes_setting("BATCHNORM_STREAM_MB",
+                             cache > 0 ? static_cast<size_t>(cache) : size_t(32) << 20);
+  }();
+  return out.nbytes() >= bytes;
+}
+
+// Non-temporal stores are weakly ordered: each thread fences its own before its task ends.
+inline void finish_streaming(bool stream) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if (stream) _mm_sfence();
+#endif
+}
 
 // Visits x in runs: op.segment(offset, Q, item) for every (row, channel) segment, item
 // indexing the (chunks, C) tables, or op.columns(offset, C * Q, table) for every row, table
@@ -24,6 +45,7 @@ void for_each_run(const ChannelShape& s, Op op) {
     const int64_t W = s.width();
     at::parallel_for(0, s.rows, grain_for(W), [=](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) op.columns(row * W, W, (row / chunk) * W);
+      finish_streaming(op.stream);
     });
     return;
   }
@@ -42,6 +64,7 @@ void for_each_run(const ChannelShape& s, Op op) {
         table = (row / chunk) * C;
       }
     }
+    finish_streaming(op.stream);
   });
 }
 
@@ -71,10 +94,16 @@ struct Normalize {
   const acc_t* scale;
   const acc_t* shift;
   acc_t param;
+  bool stream;
 
   void store(int64_t offset, int64_t count, Vec z, const Vec& p) const {
     if constexpr (Residual) z = z + L::load(r + offset, count);
-    L::store(y + offset, activation_forward<A>(z, p), count);
+    const Vec out = activation_forward<A>(z, p);
+    if (stream) {
+      L::stream(y + offset, out, count);
+    } else {
+      L::store(y + offset, out, count);
+    }
   }
 
   void segment(int64_t offset, int64_t n, int64_t item) const {
@@ -114,6 +143,7 @@ struct BackwardInput {
   T* dr;  // with Residual
   std::array<const acc_t*, 6> t;  // mean, scale, shift, k1, k0, k2
   acc_t param;
+  bool stream;
 
   void store(int64_t offset, int64_t count, const Vec& m, const Vec& a, const Vec& b,
              const Vec& k1, const Vec& k0, const Vec& k2, const Vec& p) const {
@@ -121,8 +151,14 @@ struct BackwardInput {
     Vec z = xc * a + b;
     if constexpr (Residual) z = z + L::load(r + offset, count);
     const Vec g = activation_backward<A>(L::load(dy + offset, count), z, p);
-    L::store(dx + offset, g * k1 + k0 + xc * k2, count);
-    if constexpr (Residual) L::store(dr + offset, g, count);
+    const Vec out = g * k1 + k0 + xc * k2;
+    if (stream) {
+      L::stream(dx + offset, out, count);
+      if constexpr (Residual) L::stream(dr + offset, g, count);
+    } else {
+      L::store(dx + offset, out, count);
+      if constexpr (Residual) L::store(dr + offset, g, count);
+    }
   }
 
   void segment(int64_t offset, int64_t n, int64_t item) const {
@@ -170,10 +206,11 @@ at::Tensor normalize(const at::Tensor& x_in, const at::Tensor* residual_in,
       const scalar_t* xs = x.const_data_ptr<scalar_t>();
       scalar_t* ys = y.mutable_data_ptr<scalar_t>();
       const acc_t p = static_cast<acc_t>(param);
+      const bool stream = streams(y);
       if (r) {
-        for_each_run(s, Normalize<scalar_t, A, true>{xs, r, ys, t[0], t[1], t[2], p});
+        for_each_run(s, Normalize<scalar_t, A, true>{xs, r, ys, t[0], t[1], t[2], p, stream});
       } else {
-        for_each_run(s, Normalize<scalar_t, A, false>{xs, r, ys, t[0], t[1], t[2], p});
+        for_each_run(s, Normalize<scalar_t, A, false>{xs, r, ys, t[0], t[1], t[2], p, stream});
       }
     });
   });
@@ -212,13 +249,14 @@ std::tuple<at::Tensor, at::Tensor> backward_input(
     const acc_t p = static_cast<acc_t>(param);
     dispatch_activation(a.act, [&](auto tag) {
       constexpr Activation A = decltype(tag)::value;
+      const bool stream = streams(dx);
       if (residual.defined()) {
         for_each_run(s, BackwardInput<scalar_t, A, true>{
                             dys, xs, residual.const_data_ptr<scalar_t>(), dxs,
-                            dr.mutable_data_ptr<scalar_t>(), data, p});
+                            dr.mutable_data_ptr<scalar_t>(), data, p, stream});
       } else {
         for_each_run(s, BackwardInput<scalar_t, A, false>{dys, xs, nullptr, dxs, nullptr,
-                                                           data, p});
+                                                           data, p, stream});
       }
     });
   });

@@ -72,6 +72,23 @@ struct Lanes {
     }
   }
 
+  // store(), bypassing the caches for a whole vector at a 32-byte aligned address of a
+  // float or double output (a non-temporal store: no read of the line before it is written).
+  static inline void stream(T* p, const Vec& v, int64_t count = width) {
+#if defined(CPU_CAPABILITY_AVX2)
+    if (count == width && (reinterpret_cast<std::uintptr_t>(p) & 31) == 0) {
+      if constexpr (std::is_same_v<T, float>) {
+        _mm256_stream_ps(p, v);
+        return;
+      } else if constexpr (std::is_same_v<T, double>) {
+        _mm256_stream_pd(p, v);
+        return;
+      }
+    }
+#endif
+    store(p, v, count);
+  }
+
   // Writes lanes [0, count) to p.
   static inline void store(T* p, const Vec& v, int64_t count = width) {
     if constexpr (!reduced) {

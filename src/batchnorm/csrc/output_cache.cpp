@@ -31,16 +31,6 @@ namespace {
 constexpr size_t kMinBytes = size_t(1) << 17;
 constexpr size_t kGranule = size_t(1) << 16;
 
-size_t cache_limit_bytes() {
-  const char* value = std::getenv("BATCHNORM_OUTPUT_CACHE_MB");
-  if (value == nullptr || *value == '\0') return size_t(1024) << 20;
-  char* end = nullptr;
-  const long long megabytes = std::strtoll(value, &end, 10);
-  TORCH_CHECK_VALUE(*end == '\0' && megabytes >= 0, "BATCHNORM_OUTPUT_CACHE_MB must be a "
-                    "non-negative integer (MiB), got '", value, "'");
-  return static_cast<size_t>(megabytes) << 20;
-}
-
 struct Block {
   void* data;
   size_t size;
@@ -108,13 +98,23 @@ class OutputCache final : public c10::Allocator {
     }
   }
 
-  const size_t limit_ = cache_limit_bytes();
+  const size_t limit_ = megabytes_setting("BATCHNORM_OUTPUT_CACHE_MB", size_t(1024) << 20);
   std::mutex mutex_;
   std::list<Block*> free_;  // most recently freed first
   size_t cached_ = 0;
 };
 
 }  // namespace
+
+size_t megabytes_setting(const char* name, size_t fallback) {
+  const char* value = std::getenv(name);
+  if (value == nullptr || *value == '\0') return fallback;
+  char* end = nullptr;
+  const long long megabytes = std::strtoll(value, &end, 10);
+  TORCH_CHECK_VALUE(*end == '\0' && megabytes >= 0, name, " must be a non-negative integer "
+                    "(MiB), got '", value, "'");
+  return static_cast<size_t>(megabytes) << 20;
+}
 
 at::Tensor empty_output(c10::IntArrayRef sizes, at::ScalarType dtype) {
   return at::detail::empty_generic(sizes, &OutputCache::instance(),
