@@ -48,8 +48,7 @@ int64_t column_parts(int64_t row_tasks, int64_t task_rows, int64_t padded) {
   }
   const int64_t wanted = (kTasksPerThread * threads + row_tasks - 1) / row_tasks;
   const int64_t vectors = padded / Vectorized<acc_t>::size();
-  return std::clamp<int64_t>(std::min({wanted, task_rows * padded / kPartValues, vectors}), 1,
-                             vectors);
+  return std::max<int64_t>(1, std::min({wanted, task_rows * padded / kPartValues, vectors}));
 }
 
 // Column sums of two terms over each group's rows of the (P, W = C * Q) matrix:

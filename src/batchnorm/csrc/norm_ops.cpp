@@ -27,6 +27,7 @@
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/util/SmallVector.h>
 #include <torch/library.h>
 
 #include <array>
@@ -157,22 +158,27 @@ int64_t product(c10::IntArrayRef sizes, int64_t begin, int64_t end) {
   return result;
 }
 
+// The strides of `sizes` in channels-last order: channel `axis` innermost, then the other
+// dims from the last to the first.
+c10::SmallVector<int64_t, 6> channels_last_strides(c10::IntArrayRef sizes, int64_t axis) {
+  c10::SmallVector<int64_t, 6> strides(sizes.size());
+  int64_t next = sizes[axis];
+  strides[axis] = 1;
+  for (int64_t d = static_cast<int64_t>(sizes.size()) - 1; d >= 0; --d) {
+    if (d == axis) continue;
+    strides[d] = next;
+    next *= sizes[d];
+  }
+  return strides;
+}
+
 // batchnorm.core.layout.is_channels_last: memory ordered with channel `axis` innermost, and
 // not also plainly contiguous; `x.movedim(axis, -1).is_contiguous()` without building the view.
 bool is_channels_last(const Tensor& x, int64_t axis) {
   if (x.dim() <= 2 || x.is_contiguous()) return false;
-  const auto sizes = x.sizes();
-  const auto strides = x.strides();
-  int64_t expected = 1;
-  auto next = [&](int64_t d) {
-    if (sizes[d] == 1) return true;
-    if (strides[d] != expected) return false;
-    expected *= sizes[d];
-    return true;
-  };
-  if (!next(axis)) return false;
-  for (int64_t d = x.dim() - 1; d >= 0; --d) {
-    if (d != axis && !next(d)) return false;
+  const auto strides = channels_last_strides(x.sizes(), axis);
+  for (int64_t d = 0; d < x.dim(); ++d) {
+    if (x.size(d) != 1 && x.stride(d) != strides[d]) return false;
   }
   return true;
 }
@@ -191,20 +197,12 @@ Tensor channel_view(const Tensor& x, int64_t axis, bool channels_last) {
                                            {channels, 1, 1}, x.storage_offset());
 }
 
-// batchnorm.core.layout.restore: a (P, C, Q) result in the shape and memory order of `like`:
-// with channels_last, channel `axis` innermost, then the other dims from the last to the first.
+// batchnorm.core.layout.restore: a (P, C, Q) result in the shape and memory order of `like`.
 Tensor restore(const Tensor& y, const Tensor& like, int64_t axis, bool channels_last) {
   if (!channels_last) return view_of(y, like.sizes());
-  const auto sizes = like.sizes();
-  std::vector<int64_t> strides(sizes.size());
-  int64_t next = sizes[axis];
-  strides[axis] = 1;
-  for (int64_t d = like.dim() - 1; d >= 0; --d) {
-    if (d == axis) continue;
-    strides[d] = next;
-    next *= sizes[d];
-  }
-  return at::native::as_strided_tensorimpl(y, sizes, strides, y.storage_offset());
+  return at::native::as_strided_tensorimpl(y, like.sizes(),
+                                           channels_last_strides(like.sizes(), axis),
+                                           y.storage_offset());
 }
 
 // batchnorm.core.layout.rows_per_sample.
