@@ -14,13 +14,12 @@ input's own precision.
 from __future__ import annotations
 
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from fresh_process import call_in_new_process
 
 from batchnorm.kernels import cpu, extension, reference
 
@@ -505,10 +504,9 @@ def map_outputs() -> list[torch.Tensor]:
 
 def run_maps_with_stream_limit(limit: str, out: Path) -> subprocess.CompletedProcess:
     """:func:`map_outputs` saved to ``out`` by a process that reads this BATCHNORM_STREAM_MB."""
-    code = (f"import runpy, torch; test = runpy.run_path({str(Path(__file__))!r}); "
-            f"torch.save(test['map_outputs'](), {str(out)!r})")
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, "BATCHNORM_STREAM_MB": limit}, timeout=300)
+    return call_in_new_process(
+        __file__, f"import torch; torch.save(test['map_outputs'](), {str(out)!r})",
+        BATCHNORM_STREAM_MB=limit)
 
 
 def test_streamed_outputs_equal_stored_ones(tmp_path):

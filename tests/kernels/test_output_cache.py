@@ -6,14 +6,13 @@ held at its default of 128 KiB."""
 
 from __future__ import annotations
 
-import os
 import resource
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from fresh_process import call_in_new_process
 
 import batchnorm
 from batchnorm import kernels
@@ -81,11 +80,9 @@ def test_the_memory_profile_counts_outputs_in_reused_memory():
 def _run_with_limit(limit: str, shape: tuple[int, ...] = SHAPE, **env: str
                     ) -> subprocess.CompletedProcess:
     """:func:`_faults_of_second_call` in a process that reads this cache limit (and ``env``)."""
-    code = (f"import runpy; test = runpy.run_path({str(Path(__file__))!r}); "
-            f"print(test['_faults_of_second_call']({shape!r})[0], test['_pages']({shape!r}))")
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, "BATCHNORM_OUTPUT_CACHE_MB": limit, **env},
-                          timeout=300)
+    return call_in_new_process(
+        __file__, f"print(test['_faults_of_second_call']({shape!r})[0], "
+                  f"test['_pages']({shape!r}))", BATCHNORM_OUTPUT_CACHE_MB=limit, **env)
 
 
 def _faults_and_pages(run: subprocess.CompletedProcess) -> tuple[int, int]:
