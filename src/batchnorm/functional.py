@@ -202,17 +202,18 @@ def _normalize_channels(input: Tensor, weight: Tensor | None, bias: Tensor | Non
                              renorm_momentum)
         return out
     if residual is not None:
-        return ops.batch_norm_add(input, residual, weight, bias, running_mean, running_var,
-                                  num_batches_tracked, training, momentum, eps, axis, chunk,
-                                  activation, activation_param)[0]
+        return ops.normalized("batch_norm_add", input, residual, weight, bias, running_mean,
+                              running_var, num_batches_tracked, training, momentum, eps, axis,
+                              chunk, activation, activation_param)
     if (axis == 1 and chunk == 0 and activation == "identity" and renorm_clipping is None
             and renorm_mean is None):
         # the schema's defaults: an operator call converts each argument it is given
-        return ops.batch_norm(input, weight, bias, running_mean, running_var,
-                              num_batches_tracked, training, momentum, eps)[0]
-    return ops.batch_norm(input, weight, bias, running_mean, running_var, num_batches_tracked,
-                          training, momentum, eps, axis, chunk, activation, activation_param,
-                          renorm_clipping, renorm_mean, renorm_var, renorm_momentum)[0]
+        return ops.normalized("batch_norm", input, weight, bias, running_mean, running_var,
+                              num_batches_tracked, training, momentum, eps)
+    return ops.normalized("batch_norm", input, weight, bias, running_mean, running_var,
+                          num_batches_tracked, training, momentum, eps, axis, chunk, activation,
+                          activation_param, renorm_clipping, renorm_mean, renorm_var,
+                          renorm_momentum)
 
 
 def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
@@ -363,7 +364,7 @@ def group_norm(input: Tensor, num_groups: int, weight: Tensor | None = None,
     if _transforms_active():
         return normalize.group_norm_forward(reference, input, weight, bias, num_groups, eps,
                                             check=False)[0]
-    return ops.group_norm(input, weight, bias, num_groups, eps)[0]
+    return ops.normalized("group_norm", input, weight, bias, num_groups, eps)
 
 
 def layer_norm(input: Tensor, normalized_shape: Sequence[int] | int,
@@ -388,7 +389,7 @@ def layer_norm(input: Tensor, normalized_shape: Sequence[int] | int,
     if _transforms_active():
         return normalize.layer_norm_forward(reference, input, ndim, weight, bias, eps,
                                             check=False)[0]
-    return ops.layer_norm(input, ndim, weight, bias, eps)[0]
+    return ops.normalized("layer_norm", input, ndim, weight, bias, eps)
 
 
 def moments(x: Tensor, dims: int | Sequence[int], correction: int = 0,

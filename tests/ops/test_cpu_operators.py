@@ -418,3 +418,81 @@ def test_importing_loads_a_cached_build_and_never_compiles(tmp_path):
     assert not os.listdir(tmp_path)
     assert not registered(BATCHNORM_CACHE_DIR=str(extension.build_directory().parent),
                           BATCHNORM_BACKEND="torch")
+
+
+class _Block(torch.nn.Module):
+    """Every operator with a direct binding: BatchNorm, its residual form, GroupNorm and
+    LayerNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = batchnorm.BatchNorm2d(4)
+        self.tail = batchnorm.BatchNorm2d(4, activation="relu")
+        self.gn = batchnorm.GroupNorm(2, 4)
+        self.ln = batchnorm.LayerNorm(5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ln(self.gn(self.tail(self.bn(x), x)))
+
+
+def _block_run() -> list[torch.Tensor]:
+    """Two training steps and an eval forward of a fresh block with a mean offset: outputs,
+    gradients and buffers."""
+    torch.manual_seed(0)
+    block = _Block()
+    results = []
+    for _ in range(2):
+        x = (torch.randn(3, 4, 5, 5) + 50.0).requires_grad_()
+        y = block(x)
+        y.backward(torch.randn_like(y))
+        results += [y.detach(), x.grad, *(p.grad for p in block.parameters())]
+    results += [*block.buffers(), block.eval()(torch.randn(3, 4, 5, 5) + 50.0)]
+    return results
+
+
+def test_eager_calls_take_the_direct_bindings_and_compute_what_torch_ops_does(monkeypatch):
+    """Eager layer calls enter each operator through the library's direct binding
+    (batchnorm/csrc/python.cpp); the results are those of the torch.ops object, bitwise.
+    A __torch_function__ mode (as FX and non-strict export use) gets the torch.ops call."""
+    bindings = extension.bindings()
+    called = []
+
+    class Counted:
+        def __getattr__(self, name: str):
+            called.append(name)
+            return getattr(bindings, name)
+
+    monkeypatch.setattr(extension, "_bindings", Counted())
+    direct = _block_run()
+    assert set(called) == {"batch_norm", "batch_norm_add", "group_norm", "layer_norm"}
+    monkeypatch.setattr(extension, "_bindings", None)
+    for a, b in zip(direct, _block_run(), strict=True):
+        assert torch.equal(a, b)
+
+    class Record(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if "batchnorm" in str(func):
+                seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(extension, "_bindings", Counted())
+    called.clear()
+    seen: list[str] = []
+    with Record():
+        _Block()(torch.randn(3, 4, 5, 5))
+    assert not called
+    assert {f"batchnorm.{name}.default" for name in
+            ("batch_norm", "batch_norm_add", "group_norm", "layer_norm")} <= set(seen)
+
+
+def test_errors_from_a_direct_binding_keep_their_python_types():
+    """A C++ error raised below the binding reaches Python as torch raises it."""
+    p = _parameters(4, torch.float32)
+    x = _data((6, 4, 5, 5), torch.float32, False, 0.0)
+    with pytest.raises(RuntimeError, match="activation must be one of"):
+        extension.bindings().batch_norm(x, None, None, None, None, None, True, 0.1, EPS, 1, 0,
+                                        "swish")
+    x[0, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="input contains NaN or infinity"):
+        extension.bindings().batch_norm(x, p["weight"], p["bias"], p["running_mean"],
+                                        p["running_var"], None, True, 0.1, EPS)

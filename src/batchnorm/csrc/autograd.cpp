@@ -11,7 +11,6 @@
 // differentiated (grad mode on: create_graph=True), its *_backward_differentiable twin,
 // which autograd can differentiate. Forward-mode AD is not implemented, as in Python.
 #include <ATen/core/LegacyTypeDispatch.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/grad_mode.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/csrc/autograd/function.h>
@@ -28,46 +27,14 @@
 #include <type_traits>
 #include <utility>
 
+#include "signatures.h"
+
 namespace batchnorm_cpu {
 namespace {
 
 using at::Tensor;
 using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
-using OptionalTensor = std::optional<Tensor>;
-using Grads = std::tuple<Tensor, Tensor, Tensor>;
-using Mask = std::array<bool, 3>;
-
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> typed_operator(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
-
-using BatchNormSignature = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
-    const Tensor&, const OptionalTensor&, const OptionalTensor&, const OptionalTensor&,
-    const OptionalTensor&, const OptionalTensor&, bool, std::optional<double>, double, int64_t,
-    int64_t, c10::string_view, double, std::optional<at::ArrayRef<double>>,
-    const OptionalTensor&, const OptionalTensor&, double);
-using BatchNormBackwardSignature =
-    Grads(const Tensor&, const Tensor&, const OptionalTensor&, const OptionalTensor&,
-          const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool, double, int64_t,
-          int64_t, c10::string_view, double, Mask);
-using GroupNormSignature = std::tuple<Tensor, Tensor, Tensor>(
-    const Tensor&, const OptionalTensor&, const OptionalTensor&, int64_t, double);
-using GroupNormBackwardSignature =
-    Grads(const Tensor&, const Tensor&, const OptionalTensor&, const OptionalTensor&,
-          const Tensor&, const Tensor&, int64_t, Mask);
-using GroupNormBackwardDifferentiableSignature =
-    Grads(const Tensor&, const Tensor&, const OptionalTensor&, const OptionalTensor&,
-          const Tensor&, const Tensor&, int64_t, double, Mask);
-using LayerNormSignature = std::tuple<Tensor, Tensor, Tensor>(
-    const Tensor&, int64_t, const OptionalTensor&, const OptionalTensor&, double);
-using LayerNormBackwardSignature =
-    Grads(const Tensor&, const Tensor&, int64_t, const OptionalTensor&, const OptionalTensor&,
-          const Tensor&, const Tensor&, Mask);
-using LayerNormBackwardDifferentiableSignature =
-    Grads(const Tensor&, const Tensor&, int64_t, const OptionalTensor&, const OptionalTensor&,
-          double, Mask);
 
 bool requires_grad(const Tensor& t) {
   return t.requires_grad();

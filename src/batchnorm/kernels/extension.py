@@ -2,7 +2,9 @@
 
 The library holds the kernel primitives (``torch.ops.batchnorm_cpu``) and the CPU and
 AutogradCPU implementations of the :mod:`batchnorm.ops` operators, which register with the
-dispatcher when it loads and from then on take every CPU call of those operators.
+dispatcher when it loads and from then on take every CPU call of those operators. It is
+also a Python module whose functions (:func:`bindings`) call those operators through the
+dispatcher without torch.ops' generic argument conversion, for eager calls.
 
 The build runs at first use, once per torch version and CPU capability: its output is
 cached under ``$BATCHNORM_CACHE_DIR`` (default ``~/.cache/batchnorm``), so later processes
@@ -26,18 +28,21 @@ import os
 import threading
 import time
 import warnings
+from importlib import util
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
 NAMESPACE = "batchnorm_cpu"
 SOURCES = ("ops.cpp", "output_cache.cpp", "channel_reduce.cpp", "channel_map.cpp", "rows.cpp",
-           "group_blocks.cpp", "norm_ops.cpp", "autograd.cpp")
+           "group_blocks.cpp", "norm_ops.cpp", "autograd.cpp", "python.cpp")
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 CACHE_ENV = "BATCHNORM_CACHE_DIR"
 
 _lock = threading.Lock()
 _loaded: bool | None = None  # None: not tried yet
+_bindings: ModuleType | None = None
 _build_seconds: float | None = None
 _composite_operators = False
 
@@ -90,21 +95,31 @@ def _build() -> None:
     flags = compile_flags()
     key = _source_key()
     start = time.perf_counter()
-    library = cpp_extension.load(
+    module = cpp_extension.load(
         name=NAMESPACE,
         sources=[str(CSRC / name) for name in SOURCES],
         extra_cflags=flags,
         extra_ldflags=["-fopenmp"] if "-fopenmp" in flags else [],
         build_directory=str(directory),
-        is_python_module=False,
+        is_python_module=True,
         verbose=False,
     )
     _build_seconds = time.perf_counter() - start
-    _stamp().write_text(f"{key}\n{Path(library).name}\n")
-    _loaded_now()
+    _stamp().write_text(f"{key}\n{Path(module.__file__).name}\n")
+    _loaded_now(module)
 
 
-def _loaded_now() -> None:
+def _import(library: Path) -> ModuleType:
+    """The built library as a Python module (loading it registers the operators)."""
+    spec = util.spec_from_file_location(NAMESPACE, library)
+    module = util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _loaded_now(module: ModuleType) -> None:
+    global _bindings
+    _bindings = module
     torch.ops.batchnorm_cpu.defer_to_composite(_composite_operators)
 
 
@@ -123,10 +138,10 @@ def load_cached() -> bool:
                 if key != _source_key() or not library.is_file():
                     return False
                 start = time.perf_counter()
-                torch.ops.load_library(str(library))
+                module = _import(library)
                 _build_seconds = time.perf_counter() - start
                 _loaded = True
-                _loaded_now()
+                _loaded_now(module)
     return bool(_loaded)
 
 
@@ -174,7 +189,13 @@ def run_composite_operators(enabled: bool) -> None:
     global _composite_operators
     _composite_operators = enabled
     if _loaded:
-        _loaded_now()
+        torch.ops.batchnorm_cpu.defer_to_composite(enabled)
+
+
+def bindings() -> ModuleType | None:
+    """The library's direct Python entry points of the batchnorm:: operators
+    (``csrc/python.cpp``) once it is loaded, else None."""
+    return _bindings
 
 
 def build_seconds() -> float | None:

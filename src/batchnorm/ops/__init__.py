@@ -31,7 +31,7 @@ from batchnorm.kernels import extension, reference
 from batchnorm.kernels.reference import accumulation_dtype
 from batchnorm.ops import native
 
-__all__ = ["batch_norm", "batch_norm_add", "group_norm", "layer_norm"]
+__all__ = ["batch_norm", "batch_norm_add", "group_norm", "layer_norm", "normalized"]
 
 _lib = torch.library.Library("batchnorm", "DEF")
 _SCHEMAS = {
@@ -494,6 +494,20 @@ batch_norm = torch.ops.batchnorm.batch_norm.default
 batch_norm_add = torch.ops.batchnorm.batch_norm_add.default
 group_norm = torch.ops.batchnorm.group_norm.default
 layer_norm = torch.ops.batchnorm.layer_norm.default
+
+
+def normalized(name: str, *args: object) -> Tensor:
+    """The normalized output (the first) of operator ``name`` called with ``args``: in eager
+    mode through the compiled library's direct binding (:func:`extension.bindings`), which
+    skips the generic torch.ops argument conversion; under ``torch.compile`` (which must see
+    the torch.ops object) or with a ``__torch_function__`` override among the arguments (FX
+    proxies, tensor subclasses, function modes), and before the library loads, through
+    torch.ops."""
+    if not torch.compiler.is_compiling():
+        direct = extension.bindings()
+        if direct is not None and not torch._C._has_torch_function(args):
+            return getattr(direct, name)(*args)
+    return getattr(torch.ops.batchnorm, name).default(*args)[0]
 
 # The compiled CPU and AutogradCPU implementations (batchnorm/csrc) register when their
 # library loads: here if the cache holds a build of the current sources, else at the first
