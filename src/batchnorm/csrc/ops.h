@@ -67,7 +67,7 @@ at::Tensor empty_output(c10::IntArrayRef sizes, at::ScalarType dtype);
 
 // A size setting in MiB from environment variable `name`, in bytes (`fallback` when unset or
 // empty); anything but a non-negative integer raises, naming the variable. Callers read it
-// once.
+// once (settings.cpp).
 size_t megabytes_setting(const char* name, size_t fallback);
 
 }  // namespace batchnorm_cpu

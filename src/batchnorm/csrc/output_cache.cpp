@@ -19,7 +19,6 @@
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 
-#include <cstdlib>
 #include <list>
 #include <mutex>
 
@@ -105,16 +104,6 @@ class OutputCache final : public c10::Allocator {
 };
 
 }  // namespace
-
-size_t megabytes_setting(const char* name, size_t fallback) {
-  const char* value = std::getenv(name);
-  if (value == nullptr || *value == '\0') return fallback;
-  char* end = nullptr;
-  const long long megabytes = std::strtoll(value, &end, 10);
-  TORCH_CHECK_VALUE(*end == '\0' && megabytes >= 0, name, " must be a non-negative integer "
-                    "(MiB), got '", value, "'");
-  return static_cast<size_t>(megabytes) << 20;
-}
 
 at::Tensor empty_output(c10::IntArrayRef sizes, at::ScalarType dtype) {
   return at::detail::empty_generic(sizes, &OutputCache::instance(),

@@ -35,8 +35,9 @@ from types import ModuleType
 import torch
 
 NAMESPACE = "batchnorm_cpu"
-SOURCES = ("ops.cpp", "output_cache.cpp", "channel_reduce.cpp", "channel_map.cpp", "rows.cpp",
-           "group_blocks.cpp", "norm_ops.cpp", "autograd.cpp", "python.cpp")
+SOURCES = ("ops.cpp", "settings.cpp", "output_cache.cpp", "channel_reduce.cpp",
+           "channel_map.cpp", "rows.cpp", "group_blocks.cpp", "norm_ops.cpp", "autograd.cpp",
+           "python.cpp")
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 CACHE_ENV = "BATCHNORM_CACHE_DIR"
 
