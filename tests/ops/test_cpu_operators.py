@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -496,3 +497,27 @@ def test_errors_from_a_direct_binding_keep_their_python_types():
     with pytest.raises(ValueError, match="input contains NaN or infinity"):
         extension.bindings().batch_norm(x, p["weight"], p["bias"], p["running_mean"],
                                         p["running_var"], None, True, 0.1, EPS)
+
+
+def test_direct_bindings_run_without_the_gil_under_anomaly_mode_and_threads():
+    """The bindings release the GIL around the operator: autograd's anomaly mode (which
+    takes the GIL to record each node's Python stack) and layers called from several
+    threads at once still work."""
+    with torch.autograd.detect_anomaly():
+        _block_run()
+    errors = []
+
+    def train() -> None:
+        try:
+            layer = batchnorm.BatchNorm1d(16)
+            for _ in range(20):
+                layer(torch.randn(8, 16, requires_grad=True)).sum().backward()
+        except Exception as error:  # reported below, in the test's thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=train) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors and not any(thread.is_alive() for thread in threads)
