@@ -108,10 +108,8 @@ def _bn_eval(name: str, shape: tuple[int, ...], **options) -> Case:
     return _batch_norm("eval forward", name, shape, mode="eval", **options)
 
 
-def _fixed_cost(shape: tuple[int, ...], mode: str = "train") -> Case:
+def _fixed_cost(shape: tuple[int, ...]) -> Case:
     """A call so small that the per-call overhead around the kernels is all there is."""
-    if mode == "eval":
-        return _bn_eval("BN1d eval fixed cost (1 thread)", shape, threads=1)
     return _batch_norm("BN training, 1 thread", "BN1d fixed cost (1 thread)", shape,
                        threads=1)
 
@@ -195,7 +193,7 @@ SUITE: tuple[Case, ...] = (
     _bn_eval("BN2d eval forward", (64, 256, 28, 28)),
     _bn_eval("BN2d channels_last eval forward", (32, 64, 56, 56), channels_last=True),
     _bn_eval("BN1d eval forward", (256, 1024)),
-    _fixed_cost((8, 16), mode="eval"),
+    _bn_eval("BN1d eval fixed cost (1 thread)", (8, 16), threads=1),
     _layer_norm((8192, 768), mode="eval"),
     _fused_relu((64, 256, 28, 28)),
     _fused_residual((32, 64, 56, 56)),
