@@ -470,6 +470,8 @@ def test_eager_calls_take_the_direct_bindings_and_compute_what_torch_ops_does(mo
     for a, b in zip(direct, _block_run(), strict=True):
         assert torch.equal(a, b)
 
+    seen: list[str] = []
+
     class Record(torch.overrides.TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
             if "batchnorm" in str(func):
@@ -478,7 +480,6 @@ def test_eager_calls_take_the_direct_bindings_and_compute_what_torch_ops_does(mo
 
     monkeypatch.setattr(extension, "_bindings", Counted())
     called.clear()
-    seen: list[str] = []
     with Record():
         _Block()(torch.randn(3, 4, 5, 5))
     assert not called
