@@ -33,7 +33,8 @@ def test_the_cache_is_keyed_by_torch_version_and_capability_under_the_env_direct
 
 
 def test_a_failed_build_warns_once_and_leaves_the_kernels_unavailable(monkeypatch):
-    monkeypatch.setattr(extension, "_loaded", None)
+    monkeypatch.setattr(extension, "_module", None)
+    monkeypatch.setattr(extension, "_failed", False)
     attempts = []
 
     def failing_build():

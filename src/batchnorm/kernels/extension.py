@@ -42,8 +42,8 @@ CSRC = Path(__file__).resolve().parent.parent / "csrc"
 CACHE_ENV = "BATCHNORM_CACHE_DIR"
 
 _lock = threading.Lock()
-_loaded: bool | None = None  # None: not tried yet
-_bindings: ModuleType | None = None
+_module: ModuleType | None = None  # the loaded library
+_failed = False  # its build failed in this process: not tried again
 _build_seconds: float | None = None
 _composite_operators = False
 
@@ -105,9 +105,8 @@ def _build() -> None:
         is_python_module=True,
         verbose=False,
     )
-    _build_seconds = time.perf_counter() - start
     _stamp().write_text(f"{key}\n{Path(module.__file__).name}\n")
-    _loaded_now(module)
+    _loaded_now(module, time.perf_counter() - start)
 
 
 def _import(library: Path) -> ModuleType:
@@ -118,19 +117,23 @@ def _import(library: Path) -> ModuleType:
     return module
 
 
-def _loaded_now(module: ModuleType) -> None:
-    global _bindings
-    _bindings = module
-    torch.ops.batchnorm_cpu.defer_to_composite(_composite_operators)
+def _loaded_now(module: ModuleType, seconds: float) -> None:
+    global _module, _build_seconds
+    _module, _build_seconds = module, seconds
+    _apply_composite_setting()
+
+
+def _apply_composite_setting() -> None:
+    if _module is not None:
+        torch.ops.batchnorm_cpu.defer_to_composite(_composite_operators)
 
 
 def load_cached() -> bool:
     """Loads the kernels if the cache holds a build of the current sources (never compiles);
     returns whether they are loaded."""
-    global _loaded, _build_seconds
-    if _loaded is None:
+    if _module is None and not _failed:
         with _lock:
-            if _loaded is None:
+            if _module is None and not _failed:
                 try:
                     key, name = _stamp().read_text().split()
                 except (OSError, ValueError):
@@ -140,10 +143,8 @@ def load_cached() -> bool:
                     return False
                 start = time.perf_counter()
                 module = _import(library)
-                _build_seconds = time.perf_counter() - start
-                _loaded = True
-                _loaded_now(module)
-    return bool(_loaded)
+                _loaded_now(module, time.perf_counter() - start)
+    return _module is not None
 
 
 def _summary(error: Exception, limit: int = 300) -> str:
@@ -156,20 +157,19 @@ def _summary(error: Exception, limit: int = 300) -> str:
 
 def load() -> None:
     """Builds (at most once) and loads the kernels; raises RuntimeError if that fails."""
-    global _loaded
-    if _loaded is None:
+    global _failed
+    if _module is None and not _failed:
         with _lock:
-            if _loaded is None:
+            if _module is None and not _failed:
                 try:
                     _build()
                 except Exception as error:  # a missing compiler raises many kinds
-                    _loaded = False
+                    _failed = True
                     warnings.warn(
                         f"batchnorm: the C++ CPU kernels could not be built in "
                         f"{build_directory()}: {_summary(error)}", RuntimeWarning, stacklevel=3)
                     raise RuntimeError("building the C++ CPU kernels failed") from error
-                _loaded = True
-    if not _loaded:
+    if _module is None:
         raise RuntimeError("the C++ CPU kernels are unavailable (their build failed earlier)")
 
 
@@ -189,14 +189,13 @@ def run_composite_operators(enabled: bool) -> None:
     operators too. Applies now if the kernels are loaded, else when they load."""
     global _composite_operators
     _composite_operators = enabled
-    if _loaded:
-        torch.ops.batchnorm_cpu.defer_to_composite(enabled)
+    _apply_composite_setting()
 
 
 def bindings() -> ModuleType | None:
     """The library's direct Python entry points of the batchnorm:: operators
     (``csrc/python.cpp``) once it is loaded, else None."""
-    return _bindings
+    return _module
 
 
 def build_seconds() -> float | None:
