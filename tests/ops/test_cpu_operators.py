@@ -311,6 +311,25 @@ def test_empty_inputs_match_the_composite(shape):
     assert torch.equal(grads[1], torch.zeros(3)) and torch.equal(grads[2], torch.zeros(3))
 
 
+@pytest.mark.parametrize("name", ["weight", "bias", "running_mean", "running_var"])
+def test_a_direct_operator_call_with_a_short_per_channel_tensor_raises(name):
+    """The kernels index weight, bias and buffers up to the channel count: one value short
+    must raise (naming the tensor), never read past its end."""
+    x = _data((6, 4, 5, 5), torch.float32, False, 0.0)
+    p = _parameters(4, torch.float32)
+    short = dict(p, **{name: p[name][:3]})
+    for training in (True, False):
+        with pytest.raises(RuntimeError, match=f"batch_norm: {name} has 3 values, expected 4"):
+            ops.batch_norm(x, short["weight"], short["bias"], short["running_mean"],
+                           short["running_var"], None, training, 0.1, EPS)
+    if name in ("weight", "bias"):
+        with pytest.raises(RuntimeError, match=f"group_norm: {name} has 3 values, expected 4"):
+            ops.group_norm(x, short["weight"], short["bias"], 2, EPS)
+        rows = x.permute(0, 2, 3, 1)
+        with pytest.raises(RuntimeError, match=f"layer_norm: {name} has 3 values, expected 4"):
+            ops.layer_norm(rows, 1, short["weight"], short["bias"], EPS)
+
+
 @pytest.mark.parametrize("backend", [None, "torch"], ids=["compiled", "composite"])
 @pytest.mark.parametrize("chunk", [0, 3], ids=["batch", "ghost"])
 def test_a_non_finite_batch_raises_before_any_buffer_changes(chunk, backend):
@@ -463,10 +482,10 @@ def test_eager_calls_take_the_direct_bindings_and_compute_what_torch_ops_does(mo
             called.append(name)
             return getattr(bindings, name)
 
-    monkeypatch.setattr(extension, "_bindings", Counted())
+    monkeypatch.setattr(extension, "bindings", Counted)
     direct = _block_run()
     assert set(called) == {"batch_norm", "batch_norm_add", "group_norm", "layer_norm"}
-    monkeypatch.setattr(extension, "_bindings", None)
+    monkeypatch.setattr(extension, "bindings", lambda: None)
     for a, b in zip(direct, _block_run(), strict=True):
         assert torch.equal(a, b)
 
@@ -478,7 +497,7 @@ def test_eager_calls_take_the_direct_bindings_and_compute_what_torch_ops_does(mo
                 seen.append(str(func))
             return func(*args, **(kwargs or {}))
 
-    monkeypatch.setattr(extension, "_bindings", Counted())
+    monkeypatch.setattr(extension, "bindings", Counted)
     called.clear()
     with Record():
         _Block()(torch.randn(3, 4, 5, 5))

@@ -34,6 +34,8 @@
 #include <atomic>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <optional>
 #include <string>
@@ -133,6 +135,29 @@ std::array<Tensor, N> new_tables(int64_t rows, int64_t columns, at::ScalarType d
                                                   static_cast<int64_t>(i) * rows * columns);
   }
   return tables;
+}
+
+// Each given tensor holds `expected` values (one per channel, or per normalized element): the
+// kernels index them that far. The functional layers raise torch's own messages first; a
+// direct operator call stops here instead of reading past a short tensor.
+void check_sizes(const char* op, int64_t expected,
+                 std::initializer_list<std::pair<const char*, const OptionalTensor*>> tensors) {
+  for (const auto& [name, tensor] : tensors) {
+    TORCH_CHECK(!given(*tensor) || (*tensor)->numel() == expected, op, ": ", name, " has ",
+                (*tensor)->numel(), " values, expected ", expected);
+  }
+}
+
+// A (1, C) table of dtype acc holding per-channel tensor t's values: a memcpy in the common
+// case (an eval call's running statistics), where a dispatched copy_ costs about a microsecond.
+Tensor table_copy(const Tensor& t, at::ScalarType acc) {
+  Tensor table = new_cpu({1, t.numel()}, acc);
+  if (t.is_cpu() && t.scalar_type() == acc && t.is_contiguous()) {
+    std::memcpy(table.mutable_data_ptr(), t.const_data_ptr(), t.nbytes());
+  } else {
+    table.copy_(t.reshape({1, -1}));
+  }
+  return table;
 }
 
 Tensor empty_grad(const Tensor& input) {
@@ -487,6 +512,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm(
   const Tensor x = channel_view(input, axis, channels_last);
   const int64_t rows = x.size(0);
   const int64_t channels = x.size(1);
+  check_sizes("batch_norm", channels,
+              {{"weight", &weight}, {"bias", &bias}, {"running_mean", &running_mean},
+               {"running_var", &running_var}, {"renorm_mean", &renorm_mean},
+               {"renorm_var", &renorm_var}});
   const auto acc = at::toOpMathType(input.scalar_type());
   const auto options = input.options().dtype(acc);
   const int64_t group_rows =
@@ -503,10 +532,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm(
     TORCH_CHECK_VALUE(given(running_mean) && given(running_var),
                       "batch_norm: running_mean and running_var must be given when "
                       "training=False");
-    mean = new_cpu({1, channels}, acc);
-    var = new_cpu({1, channels}, acc);
-    mean.copy_(running_mean->reshape({1, -1}));
-    var.copy_(running_var->reshape({1, -1}));
+    mean = table_copy(*running_mean, acc);
+    var = table_copy(*running_var, acc);
   }
   const int64_t chunks = mean.size(0);
   std::optional<Renorm> renorm;
@@ -752,6 +779,7 @@ std::tuple<Tensor, Tensor, Tensor> group_norm(const Tensor& input, const Optiona
   const InstanceView view = instance_view(input);
   const int64_t samples = input.size(0);
   const int64_t channels = input.size(1);
+  check_sizes("group_norm", channels, {{"weight", &weight}, {"bias", &bias}});
   const auto acc = at::toOpMathType(input.scalar_type());
   const auto options = input.options().dtype(acc);
   if (view.x.numel() == 0) {
@@ -950,6 +978,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm(const Tensor& input, int64_t norma
         "batchnorm::layer_norm", input, normalized_ndim, weight, bias, eps));
   }
   const Tensor x = row_view(input, normalized_ndim);
+  check_sizes("layer_norm", x.size(1), {{"weight", &weight}, {"bias", &bias}});
   if (x.numel() == 0) {
     const auto options = input.options().dtype(at::toOpMathType(input.scalar_type()));
     return {at::empty_like(input), at::zeros({x.size(0)}, options),
