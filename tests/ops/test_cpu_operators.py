@@ -330,6 +330,37 @@ def test_a_direct_operator_call_with_a_short_per_channel_tensor_raises(name):
             ops.layer_norm(rows, 1, short["weight"], short["bias"], EPS)
 
 
+def test_a_direct_backward_call_with_mismatched_tensors_raises():
+    """The backward operators check what they index: the gradient's shape, the parameters'
+    and the statistics' sizes (two ghost batches of 3 samples have 2 x 4 statistics)."""
+    x = _data((6, 4, 5, 5), torch.float32, False, 0.0)
+    grad, w, empty = torch.randn_like(x), torch.ones(4), torch.empty(0)
+    mean, var = torch.zeros(1, 4), torch.ones(1, 4)
+    rows = x.permute(0, 2, 3, 1)
+    mask = [True, True, True]
+    cases = {
+        "batch_norm_backward: weight has 3 values, expected 4": lambda: ops.batch_norm_backward(
+            grad, x, w[:3], None, mean, var, empty, empty, True, EPS, 1, 0, "identity", 0.0,
+            mask),
+        r"batch_norm_backward: grad_output has shape \[2, 4, 5, 5\]":
+            lambda: ops.batch_norm_backward(grad[:2], x, w, None, mean, var, empty, empty, True,
+                                            EPS, 1, 0, "identity", 0.0, mask),
+        "batch_norm_backward: mean has 4 values, expected 8": lambda: ops.batch_norm_backward(
+            grad, x, w, None, mean, var, empty, empty, True, EPS, 1, 3, "identity", 0.0, mask),
+        "group_norm_backward: invstd has 12 values, expected 6": lambda: ops.group_norm_backward(
+            grad, x, w, None, torch.zeros(6, 1), torch.ones(6, 2), 1, mask),
+        "layer_norm_backward: weight has 2 values, expected 4": lambda: ops.layer_norm_backward(
+            grad.permute(0, 2, 3, 1), rows, 1, w[:2], None, torch.zeros(150),
+            torch.ones(150), mask),
+        "layer_norm_backward: mean has 140 values, expected 150":
+            lambda: ops.layer_norm_backward(grad.permute(0, 2, 3, 1), rows, 1, w, None,
+                                            torch.zeros(140), torch.ones(150), mask),
+    }
+    for message, call in cases.items():
+        with pytest.raises(RuntimeError, match=message):
+            call()
+
+
 @pytest.mark.parametrize("backend", [None, "torch"], ids=["compiled", "composite"])
 @pytest.mark.parametrize("chunk", [0, 3], ids=["batch", "ghost"])
 def test_a_non_finite_batch_raises_before_any_buffer_changes(chunk, backend):

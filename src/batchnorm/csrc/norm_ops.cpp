@@ -137,15 +137,20 @@ std::array<Tensor, N> new_tables(int64_t rows, int64_t columns, at::ScalarType d
   return tables;
 }
 
-// Each given tensor holds `expected` values (one per channel, or per normalized element): the
-// kernels index them that far. The functional layers raise torch's own messages first; a
-// direct operator call stops here instead of reading past a short tensor.
+// Each given tensor holds `expected` values (one per channel, per normalized element, or per
+// statistic): the kernels index them that far. The functional layers raise torch's own
+// messages first; a direct operator call stops here instead of reading past a short tensor.
 void check_sizes(const char* op, int64_t expected,
-                 std::initializer_list<std::pair<const char*, const OptionalTensor*>> tensors) {
+                 std::initializer_list<std::pair<const char*, OptionalTensor>> tensors) {
   for (const auto& [name, tensor] : tensors) {
-    TORCH_CHECK(!given(*tensor) || (*tensor)->numel() == expected, op, ": ", name, " has ",
-                (*tensor)->numel(), " values, expected ", expected);
+    TORCH_CHECK(!given(tensor) || tensor->numel() == expected, op, ": ", name, " has ",
+                tensor->numel(), " values, expected ", expected);
   }
+}
+
+void check_grad_shape(const char* op, const Tensor& grad_output, const Tensor& input) {
+  TORCH_CHECK(grad_output.sizes() == input.sizes(), op, ": grad_output has shape ",
+              grad_output.sizes(), ", expected the input's ", input.sizes());
 }
 
 // A (1, C) table of dtype acc holding per-channel tensor t's values: a memcpy in the common
@@ -513,9 +518,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm(
   const int64_t rows = x.size(0);
   const int64_t channels = x.size(1);
   check_sizes("batch_norm", channels,
-              {{"weight", &weight}, {"bias", &bias}, {"running_mean", &running_mean},
-               {"running_var", &running_var}, {"renorm_mean", &renorm_mean},
-               {"renorm_var", &renorm_var}});
+              {{"weight", weight}, {"bias", bias}, {"running_mean", running_mean},
+               {"running_var", running_var}, {"renorm_mean", renorm_mean},
+               {"renorm_var", renorm_var}});
   const auto acc = at::toOpMathType(input.scalar_type());
   const auto options = input.options().dtype(acc);
   const int64_t group_rows =
@@ -620,6 +625,7 @@ Grads batch_norm_backward(const Tensor& grad_output, const Tensor& input,
         output_mask));
   }
   axis = at::maybe_wrap_dim(axis, input.dim());
+  check_grad_shape("batch_norm_backward", grad_output, input);
   const bool channels_last = is_channels_last(input, axis);
   const Tensor x = channel_view(input, axis, channels_last);
   const bool want_weight = output_mask[1] && given(weight);
@@ -633,8 +639,12 @@ Grads batch_norm_backward(const Tensor& grad_output, const Tensor& input,
   const int64_t quantity = x.size(2);
   const int64_t group_rows =
       rows_chunk(rows, rows_per_sample(input, axis, channels_last), training, chunk);
-  const int64_t chunks = mean.size(0);
+  const int64_t chunks = (rows + group_rows - 1) / group_rows;
   const bool renorm = renorm_r.numel() > 0;
+  check_sizes("batch_norm_backward", channels, {{"weight", weight}, {"bias", bias}});
+  check_sizes("batch_norm_backward", chunks * channels,
+              {{"mean", mean}, {"var", var}, {"renorm_r", renorm ? renorm_r : Tensor()},
+               {"renorm_d", renorm ? renorm_d : Tensor()}});
   const Tensor var_table = as_table(var, acc);
   const Tensor r = renorm ? as_table(renorm_r, acc) : Tensor();
   const Tensor d = renorm ? as_table(renorm_d, acc) : Tensor();
@@ -779,7 +789,7 @@ std::tuple<Tensor, Tensor, Tensor> group_norm(const Tensor& input, const Optiona
   const InstanceView view = instance_view(input);
   const int64_t samples = input.size(0);
   const int64_t channels = input.size(1);
-  check_sizes("group_norm", channels, {{"weight", &weight}, {"bias", &bias}});
+  check_sizes("group_norm", channels, {{"weight", weight}, {"bias", bias}});
   const auto acc = at::toOpMathType(input.scalar_type());
   const auto options = input.options().dtype(acc);
   if (view.x.numel() == 0) {
@@ -865,10 +875,14 @@ Grads group_norm_backward(const Tensor& grad_output, const Tensor& input,
   if (view.x.numel() == 0) {
     return zero_grads(input, weight, bias, output_mask);
   }
+  check_grad_shape("group_norm_backward", grad_output, input);
   const Tensor dy = channel_view(grad_output, 1, view.channels_last);
   const int64_t samples = input.size(0);
   const int64_t channels = input.size(1);
   check_groups(channels, num_groups);
+  check_sizes("group_norm_backward", channels, {{"weight", weight}, {"bias", bias}});
+  check_sizes("group_norm_backward", samples * num_groups,
+              {{"mean", mean}, {"invstd", invstd}});
   if (!view.channels_last) {  // each (sample, group) block is contiguous
     const Tensor invstd_table = as_table(invstd, acc);
     const auto [dx, sum_dy, sum_dy_xc] =
@@ -978,7 +992,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm(const Tensor& input, int64_t norma
         "batchnorm::layer_norm", input, normalized_ndim, weight, bias, eps));
   }
   const Tensor x = row_view(input, normalized_ndim);
-  check_sizes("layer_norm", x.size(1), {{"weight", &weight}, {"bias", &bias}});
+  check_sizes("layer_norm", x.size(1), {{"weight", weight}, {"bias", bias}});
   if (x.numel() == 0) {
     const auto options = input.options().dtype(at::toOpMathType(input.scalar_type()));
     return {at::empty_like(input), at::zeros({x.size(0)}, options),
@@ -1004,6 +1018,9 @@ Grads layer_norm_backward(const Tensor& grad_output, const Tensor& input,
   if (x.numel() == 0) {
     return zero_grads(input, weight, bias, output_mask);
   }
+  check_grad_shape("layer_norm_backward", grad_output, input);
+  check_sizes("layer_norm_backward", x.size(1), {{"weight", weight}, {"bias", bias}});
+  check_sizes("layer_norm_backward", x.size(0), {{"mean", mean}, {"invstd", invstd}});
   const Tensor dy = row_view(grad_output, normalized_ndim);
   auto [dx, sum_g_xhat, sum_g] = rows_backward(dy, x, mean, invstd, flat(weight));
   return {output_mask[0] ? view_of(dx, input.sizes()) : empty_grad(input),
