@@ -311,28 +311,38 @@ def test_empty_inputs_match_the_composite(shape):
     assert torch.equal(grads[1], torch.zeros(3)) and torch.equal(grads[2], torch.zeros(3))
 
 
+@pytest.mark.parametrize("backend", [None, "torch"], ids=["compiled", "composite"])
 @pytest.mark.parametrize("name", ["weight", "bias", "running_mean", "running_var"])
-def test_a_direct_operator_call_with_a_short_per_channel_tensor_raises(name):
+def test_a_direct_operator_call_with_a_short_per_channel_tensor_raises(name, backend):
     """The kernels index weight, bias and buffers up to the channel count: one value short
-    must raise (naming the tensor), never read past its end."""
+    must raise (naming the tensor, on either path), never read past its end nor move a
+    buffer."""
     x = _data((6, 4, 5, 5), torch.float32, False, 0.0)
     p = _parameters(4, torch.float32)
     short = dict(p, **{name: p[name][:3]})
-    for training in (True, False):
-        with pytest.raises(RuntimeError, match=f"batch_norm: {name} has 3 values, expected 4"):
-            ops.batch_norm(x, short["weight"], short["bias"], short["running_mean"],
-                           short["running_var"], None, training, 0.1, EPS)
-    if name in ("weight", "bias"):
-        with pytest.raises(RuntimeError, match=f"group_norm: {name} has 3 values, expected 4"):
-            ops.group_norm(x, short["weight"], short["bias"], 2, EPS)
-        rows = x.permute(0, 2, 3, 1)
-        with pytest.raises(RuntimeError, match=f"layer_norm: {name} has 3 values, expected 4"):
-            ops.layer_norm(rows, 1, short["weight"], short["bias"], EPS)
+    before = {key: t.clone() for key, t in short.items()}
+    with kernels.use_backend(backend):
+        for training in (True, False):
+            with pytest.raises(RuntimeError,
+                               match=f"batch_norm: {name} has 3 values, expected 4"):
+                ops.batch_norm(x, short["weight"], short["bias"], short["running_mean"],
+                               short["running_var"], None, training, 0.1, EPS)
+        if name in ("weight", "bias"):
+            with pytest.raises(RuntimeError,
+                               match=f"group_norm: {name} has 3 values, expected 4"):
+                ops.group_norm(x, short["weight"], short["bias"], 2, EPS)
+            rows = x.permute(0, 2, 3, 1)
+            with pytest.raises(RuntimeError,
+                               match=f"layer_norm: {name} has 3 values, expected 4"):
+                ops.layer_norm(rows, 1, short["weight"], short["bias"], EPS)
+    assert all(torch.equal(short[key], t) for key, t in before.items())
 
 
-def test_a_direct_backward_call_with_mismatched_tensors_raises():
-    """The backward operators check what they index: the gradient's shape, the parameters'
-    and the statistics' sizes (two ghost batches of 3 samples have 2 x 4 statistics)."""
+@pytest.mark.parametrize("backend", [None, "torch"], ids=["compiled", "composite"])
+def test_a_direct_backward_call_with_mismatched_tensors_raises(backend):
+    """The backward operators check what they index, on either path: the gradient's shape,
+    the parameters' and the statistics' sizes (two ghost batches of 3 samples have 2 x 4
+    statistics)."""
     x = _data((6, 4, 5, 5), torch.float32, False, 0.0)
     grad, w, empty = torch.randn_like(x), torch.ones(4), torch.empty(0)
     mean, var = torch.zeros(1, 4), torch.ones(1, 4)
@@ -357,7 +367,7 @@ def test_a_direct_backward_call_with_mismatched_tensors_raises():
                                             torch.zeros(140), torch.ones(150), mask),
     }
     for message, call in cases.items():
-        with pytest.raises(RuntimeError, match=message):
+        with kernels.use_backend(backend), pytest.raises(RuntimeError, match=message):
             call()
 
 

@@ -98,7 +98,33 @@ def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
     return like.new_empty((0,)) if t is None else t
 
 
-# Composite implementations: the core over the primitives picked for the input.
+# Composite implementations: the core over the primitives picked for the input. They check
+# what the compiled ones check (csrc/norm_ops.cpp), so that a direct operator call with a
+# mismatched tensor names it on either path instead of failing in a broadcast.
+
+def _check_sizes(op: str, expected: int, **tensors: Tensor | None) -> None:
+    """Each given tensor holds ``expected`` values."""
+    for name, tensor in tensors.items():
+        if tensor is not None and tensor.numel() != expected:
+            raise RuntimeError(f"{op}: {name} has {tensor.numel()} values, expected {expected}")
+
+
+def _check_grad_shape(op: str, grad_output: Tensor, input: Tensor) -> None:
+    if grad_output.shape != input.shape:
+        raise RuntimeError(f"{op}: grad_output has shape {list(grad_output.shape)}, expected "
+                           f"the input's {list(input.shape)}")
+
+
+def _check_batch_norm_backward(op: str, grad_output: Tensor, input: Tensor,
+                               weight: Tensor | None, bias: Tensor | None, training: bool,
+                               axis: int, chunk: int, **stats: Tensor | None) -> None:
+    """The gradient's shape, and the statistics of each (chunk, channel)."""
+    _check_grad_shape(op, grad_output, input)
+    if input.numel():
+        channels = input.shape[axis]
+        _check_sizes(op, channels, weight=weight, bias=bias)
+        _check_sizes(op, _chunks(input, training, chunk) * channels, **stats)
+
 
 def _plain_native(input, training, axis, chunk, activation, renorm, *tensors):
     """Plain BatchNorm, or InstanceNorm (chunks of one sample), that torch's kernels run
@@ -112,6 +138,9 @@ def _plain_native(input, training, axis, chunk, activation, renorm, *tensors):
 def _batch_norm(input, weight, bias, running_mean, running_var, num_batches_tracked, training,
                 momentum, eps, axis=1, chunk=0, activation="identity", activation_param=0.0,
                 renorm_clipping=None, renorm_mean=None, renorm_var=None, renorm_momentum=0.1):
+    _check_sizes("batch_norm", input.shape[axis], weight=weight, bias=bias,
+                 running_mean=running_mean, running_var=running_var, renorm_mean=renorm_mean,
+                 renorm_var=renorm_var)
     if _plain_native(input, training, axis, chunk, activation, renorm_clipping is not None,
                      weight, bias, running_mean, running_var):
         outputs = native.batch_norm(input, weight, bias, running_mean, running_var, training,
@@ -131,7 +160,12 @@ def _batch_norm(input, weight, bias, running_mean, running_var, num_batches_trac
 def _batch_norm_backward(grad_output, input, weight, bias, mean, var, renorm_r, renorm_d,
                          training, eps, axis, chunk, activation, activation_param,
                          output_mask):
-    if _plain_native(input, training, axis, chunk, activation, renorm_r.numel() > 0, weight,
+    renorm = renorm_r.numel() > 0
+    _check_batch_norm_backward("batch_norm_backward", grad_output, input, weight, bias,
+                               training, axis, chunk, mean=mean, var=var,
+                               renorm_r=renorm_r if renorm else None,
+                               renorm_d=renorm_d if renorm else None)
+    if _plain_native(input, training, axis, chunk, activation, renorm, weight,
                      bias, mean, var):
         grads = native.batch_norm_backward(grad_output, input, weight, mean, var, training,
                                            eps, output_mask, instances=chunk == 1)
@@ -147,6 +181,8 @@ def _batch_norm_backward(grad_output, input, weight, bias, mean, var, renorm_r, 
 def _batch_norm_add(input, residual, weight, bias, running_mean, running_var,
                     num_batches_tracked, training, momentum, eps, axis=1, chunk=0,
                     activation="identity", activation_param=0.0):
+    _check_sizes("batch_norm_add", input.shape[axis], weight=weight, bias=bias,
+                 running_mean=running_mean, running_var=running_var)
     with torch.no_grad():
         outputs = normalize.batch_norm_forward(
             kernels.primitives(input), input, weight, bias, running_mean, running_var,
@@ -160,6 +196,8 @@ def _batch_norm_add(input, residual, weight, bias, running_mean, running_var,
 
 def _batch_norm_add_backward(grad_output, input, residual, weight, bias, mean, var, training,
                              eps, axis, chunk, activation, activation_param, output_mask):
+    _check_batch_norm_backward("batch_norm_add_backward", grad_output, input, weight, bias,
+                               training, axis, chunk, mean=mean, var=var)
     empty = mean.new_empty((0,))
     with torch.no_grad():
         grads = normalize.batch_norm_backward(
@@ -170,6 +208,7 @@ def _batch_norm_add_backward(grad_output, input, residual, weight, bias, mean, v
 
 
 def _group_norm(input, weight, bias, num_groups, eps):
+    _check_sizes("group_norm", input.shape[1], weight=weight, bias=bias)
     if native.handles(input, weight, bias, channels_last=False):
         return native.group_norm(input, weight, bias, num_groups, eps)
     with torch.no_grad():
@@ -179,6 +218,9 @@ def _group_norm(input, weight, bias, num_groups, eps):
 
 def _group_norm_backward(grad_output, input, weight, bias, mean, invstd, num_groups,
                          output_mask):
+    _check_grad_shape("group_norm_backward", grad_output, input)
+    _check_sizes("group_norm_backward", input.shape[1], weight=weight, bias=bias)
+    _check_sizes("group_norm_backward", input.shape[0] * num_groups, mean=mean, invstd=invstd)
     if native.handles(input, weight, bias, channels_last=False):
         grads = native.group_norm_backward(grad_output, input, weight, mean, invstd,
                                            num_groups, output_mask)
@@ -191,6 +233,8 @@ def _group_norm_backward(grad_output, input, weight, bias, mean, invstd, num_gro
 
 
 def _layer_norm(input, normalized_ndim, weight, bias, eps):
+    _check_sizes("layer_norm", input.shape[input.dim() - normalized_ndim:].numel(),
+                 weight=weight, bias=bias)
     if native.handles(input, weight, bias, channels_last=False):
         return native.layer_norm(input, normalized_ndim, weight, bias, eps)
     with torch.no_grad():
@@ -200,6 +244,10 @@ def _layer_norm(input, normalized_ndim, weight, bias, eps):
 
 def _layer_norm_backward(grad_output, input, normalized_ndim, weight, bias, mean, invstd,
                          output_mask):
+    _check_grad_shape("layer_norm_backward", grad_output, input)
+    split = input.dim() - normalized_ndim
+    _check_sizes("layer_norm_backward", input.shape[split:].numel(), weight=weight, bias=bias)
+    _check_sizes("layer_norm_backward", input.shape[:split].numel(), mean=mean, invstd=invstd)
     if native.handles(input, weight, bias, channels_last=False):
         grads = native.layer_norm_backward(grad_output, input, normalized_ndim, weight, bias,
                                            mean, invstd, output_mask)
@@ -236,12 +284,17 @@ def _fake_grads(input, weight, bias, output_mask, axis):
             else input.new_empty((0,)))
 
 
+def _chunks(input: Tensor, training: bool, chunk: int) -> int:
+    """The rows of the per-(chunk, channel) statistics tables: one per ghost batch."""
+    if training and chunk and input.numel() != 0:
+        return (input.shape[0] + chunk - 1) // chunk
+    return 1
+
+
 def _fake_stat(input: Tensor, training: bool, axis: int, chunk: int) -> Tensor:
     """A per-(chunk, channel) statistics table."""
-    chunks = 1
-    if training and chunk and input.numel() != 0:
-        chunks = (input.shape[0] + chunk - 1) // chunk
-    return input.new_empty((chunks, input.shape[axis]), dtype=accumulation_dtype(input.dtype))
+    return input.new_empty((_chunks(input, training, chunk), input.shape[axis]),
+                           dtype=accumulation_dtype(input.dtype))
 
 
 @torch.library.register_fake("batchnorm::batch_norm")
