@@ -6,6 +6,7 @@ region waits for a descheduled thread, which only makes the smoke test slow."""
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -44,6 +45,18 @@ def test_quick_tiny_run_writes_json_and_markdown_for_every_case_and_model(tmp_pa
         _assert_ratio(row["speedup"], row["baseline_ms"], row["ours_ms"])
         assert row["compile_ms"] is None and row["vs_compile"] is None
         assert {len(times) for times in row["rounds_ms"].values()} == {3}
+        # the roofline comes from the copy timed in the same rounds, not a global bandwidth
+        copy_ms = row["roofline_ms"] / row["roofline_passes"] * 2
+        assert copy_ms == pytest.approx(statistics.median(row["rounds_ms"]["copy"]))
+        assert row["ours_over_roofline"]["ratio"] == pytest.approx(
+            row["ours_ms"] / row["roofline_ms"])
+        plain_bn = row["group"].startswith("BN training")
+        assert row["bound_passes"] == (8 if plain_bn else None)
+        if plain_bn:
+            assert row["ours_over_bound"]["ratio"] == pytest.approx(
+                row["ours_over_roofline"]["ratio"] * row["roofline_passes"] / 8)
+        else:
+            assert row["ours_over_bound"] is None
     fixed_cost = next(row for row in report["layers"] if "fixed cost" in row["case"])
     assert fixed_cost["threads"] == 1 and fixed_cost["shape"] == [8, 16]
     assert {group["group"] for group in report["layers_summary"]} == \

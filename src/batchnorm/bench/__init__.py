@@ -65,20 +65,32 @@ def allocation_note(keep_freed_memory: bool) -> str:
     return note + "".join(f", {setting}" for setting in settings)
 
 
-def run_case(case: Case, bandwidth: float, settings: Settings,
-             compiler: measure.Compiler) -> dict[str, object]:
+def _copy(numel: int) -> measure.Step:
+    """``dst.copy_(src)`` of ``numel`` float32 values: one read and one write pass."""
+    src = torch.ones(numel)
+    dst = torch.empty_like(src)
+    return lambda: dst.copy_(src)
+
+
+def run_case(case: Case, settings: Settings, compiler: measure.Compiler
+             ) -> dict[str, object]:
     """One single-layer row: ours, the baseline and (compile enabled) torch.compile of the
-    torch layer, on ``case.threads`` threads."""
+    torch layer, on ``case.threads`` threads; a copy of the input's size runs in the same
+    rounds, so the roofline takes the bandwidth of the moment (it drifts on a shared
+    machine) rather than one measured at the start."""
+    numel = torch.Size(case.shape).numel()
     with measure.num_threads(case.threads):
         steps = {"ours": case.step(case.build(case.ours)),
-                 "baseline": case.step(case.build(case.theirs))}
+                 "baseline": case.step(case.build(case.theirs)), "copy": _copy(numel)}
         compiled, notes = compiler.warm_up({"compile": lambda: case.step(
             compiler.compile(case.build(case.compiled or case.theirs)))})
         steps.update(compiled)
         timed = measure.interleaved_rounds(steps, settings.rounds["layers"], settings.warmup,
                                            settings.min_round_s["layers"])
         threads = torch.get_num_threads()
-    roofline_ms = 1e3 * case.passes * torch.Size(case.shape).numel() * 4 / bandwidth
+    pass_ms = timed.ms("copy") / 2
+    bandwidth = numel * 4 / (pass_ms / 1e3)
+    ours_over_pass = timed.compare("ours", "copy", settings.limits)
     return {"group": case.group, "case": case.name, "shape": list(case.shape),
             "mode": case.mode, "layout": case.layout, "threads": threads,
             "baseline": case.baseline, "load_1min": timed.load_1min,
@@ -88,16 +100,27 @@ def run_case(case: Case, bandwidth: float, settings: Settings,
             "speedup": timed.compare("baseline", "ours", settings.limits),
             "vs_compile": timed.compare("compile", "ours", settings.limits),
             "graphs_compiled_while_timing": timed.graphs_compiled,
-            "roofline_passes": case.passes, "roofline_ms": roofline_ms,
-            "ours_over_roofline": timed.ms("ours") / roofline_ms,
+            "shape_bytes": numel * 4, "copy_bandwidth_gbs": bandwidth / 1e9,
+            "roofline_passes": case.passes,
+            "roofline_ms": case.passes * pass_ms,
+            "ours_over_roofline": _scaled(ours_over_pass, 2 / case.passes),
+            "bound_passes": case.bound_passes,
+            "ours_over_bound": None if case.bound_passes is None else
+            _scaled(ours_over_pass, 2 / case.bound_passes),
             "rounds_ms": timed.rounds_ms()}
 
 
-def run_layers(cases: list[Case], bandwidth: float, settings: Settings,
-               compiler: measure.Compiler) -> list[dict[str, object]]:
+def _scaled(comparison: dict[str, object], factor: float) -> dict[str, object]:
+    """A :func:`measure.compare` result with its ratio and range multiplied by ``factor``
+    (ours over one copy's time, as ours over ``1 / factor`` copies)."""
+    return {**comparison, **{key: comparison[key] * factor for key in ("ratio", "low", "high")}}
+
+
+def run_layers(cases: list[Case], settings: Settings, compiler: measure.Compiler
+               ) -> list[dict[str, object]]:
     rows = []
     for case in cases:
-        rows.append(run_case(case, bandwidth, settings, compiler))
+        rows.append(run_case(case, settings, compiler))
         print(f"{case.label}: ours {rows[-1]['ours_ms']:.3f} ms, {case.baseline} "
               f"{rows[-1]['baseline_ms']:.3f} ms", flush=True)
     return rows
@@ -211,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     bandwidth = measure.copy_bandwidth(16 if args.tiny else 256)
     budget = None if args.no_compile else args.compile_budget
     runners: dict[str, Callable[[], object]] = {
-        "layers": lambda: run_layers(cases, bandwidth, settings,
+        "layers": lambda: run_layers(cases, settings,
                                      measure.Compiler(budget, args.compile_backend)),
         "models": lambda: run_models(model_cases, settings,
                                      measure.Compiler(budget, args.compile_backend)),

@@ -1,7 +1,8 @@
 """The single-layer suite as data. A case names its shape, layout, mode and thread count
 and builds its competitors as modules holding equal parameters and buffers: ours (a
 ``batchnorm`` layer), the baseline (the ``torch.nn`` layer, eager) and the module
-``torch.compile`` is given. ``passes`` is the minimal traffic the roofline assumes."""
+``torch.compile`` is given. ``passes`` is the minimal traffic the roofline assumes;
+``bound_passes`` the least that BatchNorm's data dependencies allow."""
 
 from __future__ import annotations
 
@@ -58,6 +59,13 @@ class Case:
         if self.mode != "train":
             return 2
         return 7 if self.residual else 5
+
+    @property
+    def bound_passes(self) -> int | None:
+        """Plain BatchNorm training (None for the other cases): 8 passes, since the batch
+        statistics need all of x before any y (read x; read x, write y) and dx needs the
+        reductions over all of dy (read dy and x; read dy and x, write dx)."""
+        return 8 if self.group.startswith("BN training") else None
 
     @property
     def label(self) -> str:

@@ -73,8 +73,9 @@ def _header(report: dict) -> list[str]:
         f"({settings['rounds']['layers']} for single layers, {settings['rounds']['models']} "
         f"for models) in which each competitor runs back to back for at least "
         f"{settings['min_round_ms']['layers']:g} / {settings['min_round_ms']['models']:g} ms; "
-        f"times are medians. {compiled}. Copy bandwidth (read + write): "
-        f"{report['copy_bandwidth_gbs']:.1f} GB/s; {settings['allocator']}.",
+        f"times are medians. {compiled}. Copy bandwidth (read + write) at the start: "
+        f"{report['copy_bandwidth_gbs']:.1f} GB/s{_bandwidth_range(report['layers'])}; "
+        f"{settings['allocator']}.",
         f"Ratios: baseline time / ours (>1: ours faster), the quotient of the medians. "
         f"Spread: interquartile range of the per-round ratios over their median. CPU wait: "
         f"share of the time the bench's threads were runnable that they waited for a core. "
@@ -83,13 +84,24 @@ def _header(report: dict) -> list[str]:
         f"rounds; such a ratio (in parentheses) is not a measurement.", ""]
 
 
+def _bandwidth_range(layers: list[dict]) -> str:
+    rates = [row["copy_bandwidth_gbs"] for row in layers if row["shape_bytes"] >= 2**25]
+    return f", {min(rates):.1f}-{max(rates):.1f} GB/s during the single layers of 32 MiB " \
+        "or more" if rates else ""
+
+
 def _layers(report: dict) -> list[str]:
     lines = ["Single layers (float32; training = forward + backward with a fixed output "
-             "gradient; roofline = least traffic over the copy bandwidth: 5 tensor passes "
-             "for training (read x, write y; read dy and x, write dx), 2 for an eval "
-             "forward; parameters not counted):", "",
+             "gradient; roofline = least traffic over the bandwidth of a copy of the input's "
+             "size timed in the same rounds: 5 tensor passes for training (read x, write y; "
+             "read dy and x, write dx; 7 with a shortcut), 2 for an eval forward; BN bound = "
+             "the 8 passes plain BatchNorm training needs, since its statistics need all of x "
+             "before any y and dx needs the reductions over all of dy (read x; read x, write "
+             "y; read dy and x; read dy and x, write dx); parameters not counted; both mean "
+             "little for a case that fits in cache):", "",
              "| case | shape | mode | ours ms | baseline | baseline ms | speedup | spread | "
-             "torch.compile ms | vs compile | roofline ms | ours / roofline | load | CPU wait |",
+             "torch.compile ms | vs compile | ours / roofline | ours / BN bound | load | "
+             "CPU wait |",
              "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in report["layers"]:
         compiled = ms(row["compile_ms"]) if row["compile_ms"] is not None else \
@@ -98,8 +110,8 @@ def _layers(report: dict) -> list[str]:
             f"| {row['case']} | {_shape(row['shape'])} | {row['mode']} | "
             f"{ms(row['ours_ms'])} | {row['baseline']} | {ms(row['baseline_ms'])} | "
             f"{_ratio(row['speedup'])} | {_spread(row['speedup'])} | {compiled} | "
-            f"{_ratio(row['vs_compile'])} | {ms(row['roofline_ms'])} | "
-            f"{row['ours_over_roofline']:.2f}x | {row['load_1min']} | "
+            f"{_ratio(row['vs_compile'])} | {_ratio(row['ours_over_roofline'])} | "
+            f"{_ratio(row['ours_over_bound'])} | {row['load_1min']} | "
             f"{_wait(row['cpu_wait'])} |")
     lines.append("")
     for group in report["layers_summary"]:
