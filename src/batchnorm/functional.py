@@ -167,7 +167,7 @@ def check_ghost_batch_size(ghost_batch_size: int | None) -> None:
                          f"{ghost_batch_size!r}")
 
 
-def _check_ghost_batches(batch: int, ghost_batch_size: int, axis: int) -> None:
+def check_ghost_batches(batch: int, ghost_batch_size: int, axis: int) -> None:
     """Every ghost batch (chunk of dim 0) must hold two samples."""
     if axis == 0:
         raise ValueError("ghost_batch_size splits dim 0 (the batch), which cannot also be the "
@@ -269,7 +269,7 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
         _check_residual(input, residual, renorm)
     chunk = 0
     if training and ghost_batch_size is not None and input.shape[0] > 0:
-        _check_ghost_batches(input.shape[0], ghost_batch_size, axis)
+        check_ghost_batches(input.shape[0], ghost_batch_size, axis)
         chunk = ghost_batch_size
     if chunk == 0 and clipping is None and reducer is None and _decompose():
         return decomposed.batch_norm(input, weight, bias, running_mean, running_var,

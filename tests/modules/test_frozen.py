@@ -182,7 +182,7 @@ def test_freeze_rejects_layers_without_running_statistics_or_shape():
     (FrozenBatchNorm3d(3), (2, 3, 4, 4), r"expected 5D input \(got 4D input\)"),
     (FrozenBatchNorm(3, axis=2), (2, 3), r"expected at least 3D input for axis=2"),
     (FrozenBatchNorm2d(3), (2, 4, 2, 2),
-     r"expected input with 3 channels on axis 1, got input of size \(2, 4, 2, 2\)"),
+     r"expected input with 3 channels on axis 1, got input of size \[2, 4, 2, 2\]"),
 ])
 def test_frozen_bad_input_raises_naming_expected_and_actual(frozen, shape, match):
     with pytest.raises(ValueError, match=match):

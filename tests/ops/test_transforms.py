@@ -159,6 +159,126 @@ def test_jit_trace_of_an_eval_model_saves_and_loads(tmp_path):
     torch.testing.assert_close(loaded(x), reference(x), **TOL)
 
 
+def _train_step(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Forward and backward with a fixed output gradient; the output."""
+    for parameter in model.parameters():
+        parameter.grad = None
+    out = model(x)
+    out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
+    return out.detach()
+
+
+def _assert_grads_close(ours: nn.Module, reference: nn.Module, **tol: float) -> None:
+    expected = dict(reference.named_parameters())
+    for name, parameter in ours.named_parameters():
+        torch.testing.assert_close(parameter.grad, expected[name].grad, msg=name, **tol)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
+                         ids=["nchw", "channels_last"])
+def test_jit_script_matches_scripted_torch_nn_over_training_steps_and_saves(tmp_path,
+                                                                            memory_format):
+    """Scripted layers call our operators (not Python) and follow torch.nn's scripted ones
+    in outputs, gradients and running statistics, then in eval, also after save and load."""
+    reference, ours = (torch.jit.script(model.to(memory_format=memory_format))
+                       for model in _pair())
+    for index in (1, 4, 7, 9, 11):
+        assert "batchnorm::" in str(getattr(ours, str(index)).inlined_graph)
+    for step in range(3):  # a mean offset, so that the centring matters
+        x = (_input(4 + step) * 2 + 3).contiguous(memory_format=memory_format)
+        torch.testing.assert_close(_train_step(ours, x), _train_step(reference, x), **TOL)
+        _assert_grads_close(ours, reference, **TOL)
+        _assert_states_close(ours, reference, **TOL)
+    reference.eval()
+    ours.eval()
+    x = _input() * 2 + 3
+    torch.testing.assert_close(ours(x), reference(x), **TOL)
+    ours.save(tmp_path / "model.pt")
+    loaded = torch.jit.load(tmp_path / "model.pt")
+    torch.testing.assert_close(loaded(x), reference(x), **TOL)
+
+
+_SCRIPTED_VARIANTS = {
+    "ghost batches, leaky_relu, cumulative average": (
+        lambda: batchnorm.BatchNorm2d(3, activation="leaky_relu", ghost_batch_size=2,
+                                      momentum=None), (4, 3, 5, 5)),
+    "axis=-1, elu with alpha": (
+        lambda: batchnorm.BatchNorm(3, axis=-1, activation="elu", activation_param=0.5),
+        (4, 5, 3)),
+    "no affine, no running statistics": (
+        lambda: batchnorm.BatchNorm1d(3, affine=False, track_running_stats=False), (6, 3)),
+    "frozen, relu6": (lambda: batchnorm.FrozenBatchNorm2d(3, activation="relu6"),
+                      (4, 3, 5, 5)),
+    "LayerNorm2d": (lambda: batchnorm.LayerNorm2d(3), (2, 3, 4, 4)),
+    "InstanceNorm1d without a batch dim": (
+        lambda: batchnorm.InstanceNorm1d(3, affine=True, track_running_stats=True), (3, 7)),
+}
+
+
+@pytest.mark.parametrize("name", list(_SCRIPTED_VARIANTS))
+def test_jit_script_of_each_variant_matches_the_eager_layer(name):
+    """What torch.nn has no layer for, against our eager layer: two training steps, then
+    eval."""
+    make, shape = _SCRIPTED_VARIANTS[name]
+    torch.manual_seed(0)
+    eager = make()
+    with torch.no_grad():
+        for tensor in (*eager.parameters(), *eager.buffers()):
+            if tensor.is_floating_point():
+                tensor.uniform_(0.5, 1.5)
+    scripted = torch.jit.script(copy.deepcopy(eager))
+    for step in range(2):
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(step)) * 2 + 3
+        inputs = [x.clone().requires_grad_() for _ in range(2)]
+        torch.testing.assert_close(_train_step(scripted, inputs[0]),
+                                   _train_step(eager, inputs[1]), **TOL)
+        torch.testing.assert_close(inputs[0].grad, inputs[1].grad, **TOL)
+        _assert_grads_close(scripted, eager, **TOL)
+        _assert_states_close(scripted, eager, **TOL)
+    scripted.eval()
+    eager.eval()
+    torch.testing.assert_close(scripted(x), eager(x), **TOL)
+
+
+def test_jit_script_of_the_fused_residual_tail_matches_the_eager_layer():
+    eager = batchnorm.BatchNorm2d(3, activation="relu")
+    scripted = torch.jit.script(copy.deepcopy(eager))
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 5, 5, generator=generator)
+    shortcut = torch.randn(4, 3, 5, 5, generator=generator)
+    shortcuts = [shortcut.clone().requires_grad_() for _ in range(2)]
+    outputs = [model(x, shortcut) for model, shortcut in zip((scripted, eager), shortcuts,
+                                                                strict=True)]
+    torch.testing.assert_close(outputs[0], outputs[1], **TOL)
+    for out in outputs:
+        out.sum().backward()
+    torch.testing.assert_close(shortcuts[0].grad, shortcuts[1].grad, **TOL)
+    _assert_states_close(scripted, eager, **TOL)
+
+
+@pytest.mark.parametrize("layer", [batchnorm.BatchNorm2d(3, renorm=True),
+                                   batchnorm.SyncBatchNorm(3)], ids=["renorm", "syncbn"])
+def test_jit_script_refuses_what_has_no_torchscript_form_naming_it(layer):
+    with pytest.raises(RuntimeError, match=r"torch\.jit\.script: .* has no TorchScript form"):
+        torch.jit.script(layer)
+
+
+def test_scripted_batch_norm_rejects_a_nan_batch_and_a_single_value_per_channel():
+    """The eager layer's messages, raised as TorchScript raises them (as for torch.nn's
+    scripted layers): an operator's error as RuntimeError, the layer's own as
+    torch.jit.Error."""
+    scripted = torch.jit.script(batchnorm.BatchNorm2d(3))
+    before = {name: value.clone() for name, value in scripted.state_dict().items()}
+    x = torch.randn(2, 3, 4, 4)
+    x[1, 2, 0, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="NaN or infinity"):
+        scripted(x)
+    with pytest.raises(torch.jit.Error, match="Expected more than 1 value per channel"):
+        scripted(torch.randn(1, 3, 1, 1))
+    for name, value in scripted.state_dict().items():
+        torch.testing.assert_close(value, before[name], rtol=0, atol=0, msg=name)
+
+
 def test_func_grad_through_functional_call_with_batch_norm_replaced():
     reference, ours = _pair()
     for model in (reference, ours):

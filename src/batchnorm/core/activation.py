@@ -4,9 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-_DEFAULT_PARAM = {"identity": 0.0, "relu": 0.0, "relu6": 0.0, "leaky_relu": 0.01, "elu": 1.0,
-                  "silu": 0.0}
-ACTIVATIONS = tuple(_DEFAULT_PARAM)
+ACTIVATIONS = ("identity", "relu", "relu6", "leaky_relu", "elu", "silu")
+
+
+def default_param(name: str) -> float:
+    """torch.nn's default negative slope (leaky_relu) or alpha (elu); 0 for the others.
+    Plain enough for TorchScript, whose scripted layers resolve the default with it too."""
+    if name == "leaky_relu":
+        return 0.01
+    if name == "elu":
+        return 1.0
+    return 0.0
 
 
 @dataclass(frozen=True)
@@ -32,7 +40,7 @@ def make_activation(name: str | None, param: float | None = None) -> Activation:
     if name not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS} or None, got {name!r}")
     if param is None:
-        param = _DEFAULT_PARAM[name]
+        param = default_param(name)
     elif name not in ("leaky_relu", "elu"):
         raise ValueError(f"activation_param is only used by leaky_relu and elu, got {param!r} "
                          f"for activation {name!r}")

@@ -22,7 +22,7 @@ from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch.nn.parameter import UninitializedBuffer, is_lazy
 
 from batchnorm import functional as F
-from batchnorm.core.activation import make_activation
+from batchnorm.core.activation import default_param, make_activation
 from batchnorm.functional import batch_norm
 
 # FX's symbolic tracing records the functional call as one node instead of tracing into
@@ -49,13 +49,18 @@ class _BatchNormForward:
         buffers ``renorm_mean``/``renorm_var`` of their own instead of the running ones.
     """
 
-    axis: int = 1
-    activation: str | None = None
-    activation_param: float | None = None
-    ghost_batch_size: int | None = None
-    renorm: bool = False
-    renorm_clipping: RenormClipping | None = None
-    renorm_momentum: float | None = None
+    # Unannotated: torch.jit.script types module attributes by the class's annotations,
+    # which it cannot read as strings (this module's annotations are), else by their values;
+    # it reads class attributes only as constants.
+    __constants__ = (*nn.modules.batchnorm._NormBase.__constants__, "axis", "activation",
+                     "activation_param", "ghost_batch_size")
+    axis = 1
+    activation = None
+    activation_param = None
+    ghost_batch_size = None
+    renorm = False
+    renorm_clipping = None
+    renorm_momentum = None
 
     def __init__(self, *args: Any, activation: str | None = None,
                  activation_param: float | None = None, ghost_batch_size: int | None = None,
@@ -164,6 +169,59 @@ class _BatchNormForward:
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         """``act(BN(input))``, or with ``residual`` ``act(BN(input) + residual)`` in one
         operator (a ResNet block's tail: ``bn2(conv2(h), shortcut)``)."""
+        if torch.jit.is_scripting():
+            return self._scripted_forward(input, residual)
+        return self._forward(input, residual)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """``torch.jit.script`` compiles :meth:`_scripted_forward`, which has no form for
+        Batch Renormalization (its clipping may be a Python callable)."""
+        if self.renorm:
+            raise RuntimeError(f"torch.jit.script: {type(self).__name__} with renorm=True "
+                               "has no TorchScript form; use torch.jit.trace, torch.export "
+                               "or torch.compile")
+        return self
+
+    def _scripted_forward(self, input: Tensor, residual: Tensor | None) -> Tensor:
+        """:meth:`forward` in TorchScript's subset of Python: the statistics policy of
+        :meth:`_statistics_policy` and the operator :func:`batch_norm` would call, so a
+        scripted layer (saved, it needs ``import batchnorm`` before ``torch.jit.load``)
+        computes what the eager one does."""
+        self._check_input_dim(input)
+        axis = self.axis if self.axis >= 0 else self.axis + input.dim()
+        training = self.training or (self.running_mean is None and self.running_var is None)
+        running_mean = self.running_mean
+        running_var = self.running_var
+        num_batches_tracked: Tensor | None = None
+        if self.training and not self.track_running_stats:
+            running_mean = None
+            running_var = None
+        elif self.training:
+            num_batches_tracked = self.num_batches_tracked
+        chunk = 0
+        ghost_batch_size = self.ghost_batch_size
+        if training:
+            if input.numel() // max(input.size(axis), 1) == 1:
+                raise ValueError("Expected more than 1 value per channel when training, "
+                                 f"got input size {input.size()}")
+            if ghost_batch_size is not None and input.size(0) > 0:
+                F.check_ghost_batches(input.size(0), ghost_batch_size, axis)
+                chunk = ghost_batch_size
+        activation = "identity" if self.activation is None else self.activation
+        param = self.activation_param
+        if param is None:
+            param = default_param(activation)
+        if residual is None:
+            return torch.ops.batchnorm.batch_norm(
+                input, self.weight, self.bias, running_mean, running_var, num_batches_tracked,
+                training, self.momentum, self.eps, axis, chunk, activation, param)[0]
+        return torch.ops.batchnorm.batch_norm_add(
+            input, residual, self.weight, self.bias, running_mean, running_var,
+            num_batches_tracked, training, self.momentum, self.eps, axis, chunk, activation,
+            param)[0]
+
+    @torch.jit.unused
+    def _forward(self, input: Tensor, residual: Tensor | None) -> Tensor:
         if not is_fx_symbolic_tracing():
             self._check_input_dim(input)
         training, running_mean, running_var, num_batches_tracked = self._statistics_policy()

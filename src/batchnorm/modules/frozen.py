@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.nn import functional as TF
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from batchnorm.core.activation import make_activation
+from batchnorm.core.activation import default_param, make_activation
 from batchnorm.modules.batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 from batchnorm.modules.convert import _swap
 
@@ -29,14 +29,19 @@ __all__ = ["FrozenBatchNorm", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenB
            "freeze", "unfreeze"]
 
 _STATE = ("weight", "bias", "running_mean", "running_var")
-_ACTIVATIONS = {
-    "identity": lambda z, param: z,
-    "relu": lambda z, param: TF.relu(z),
-    "relu6": lambda z, param: TF.relu6(z),
-    "leaky_relu": lambda z, param: TF.leaky_relu(z, param),
-    "elu": lambda z, param: TF.elu(z, param),
-    "silu": lambda z, param: TF.silu(z),
-}
+def _activate(z: Tensor, name: str, param: float) -> Tensor:
+    """torch.nn.functional's activation ``name`` (TorchScript-compatible)."""
+    if name == "relu":
+        return TF.relu(z)
+    if name == "relu6":
+        return TF.relu6(z)
+    if name == "leaky_relu":
+        return TF.leaky_relu(z, param)
+    if name == "elu":
+        return TF.elu(z, param)
+    if name == "silu":
+        return TF.silu(z)
+    return z
 
 
 class FrozenBatchNorm(nn.Module):
@@ -51,7 +56,7 @@ class FrozenBatchNorm(nn.Module):
                  activation: str | None = None, activation_param: float | None = None,
                  device: Any = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self._activation = make_activation(activation, activation_param)
+        make_activation(activation, activation_param)
         self.num_features, self.eps, self.axis = num_features, eps, axis
         self.activation, self.activation_param = activation, activation_param
         factory = {"device": device, "dtype": dtype}
@@ -74,13 +79,15 @@ class FrozenBatchNorm(nn.Module):
         self._check_input_dim(input)
         if input.shape[self.axis] != self.num_features:
             raise ValueError(f"expected input with {self.num_features} channels on axis "
-                             f"{self.axis}, got input of size {tuple(input.shape)}")
+                             f"{self.axis}, got input of size {list(input.shape)}")
         scale = self.weight * torch.rsqrt(self.running_var + self.eps)
         shift = self.bias - self.running_mean * scale
         shape = [1] * input.dim()
         shape[self.axis] = self.num_features
         z = input * scale.view(shape).to(input.dtype) + shift.view(shape).to(input.dtype)
-        return _ACTIVATIONS[self._activation.name](z, self._activation.param)
+        activation = "identity" if self.activation is None else self.activation
+        param = self.activation_param
+        return _activate(z, activation, default_param(activation) if param is None else param)
 
     def extra_repr(self) -> str:
         text = f"{self.num_features}, eps={self.eps}"

@@ -6,6 +6,7 @@ layer_norm(x[n, :, h, w])``; this is not ``GroupNorm(1, C)``, which pools C, H a
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from batchnorm.modules.normalization import LayerNorm
@@ -21,4 +22,6 @@ class LayerNorm2d(LayerNorm):
         if input.dim() != 4:
             raise ValueError(f"expected 4D input (N, C, H, W), got {input.dim()}D input of "
                              f"size {list(input.shape)}")
+        if torch.jit.is_scripting():  # which has no super()
+            return self._scripted_forward(input.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         return super().forward(input.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)

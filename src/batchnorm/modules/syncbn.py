@@ -89,6 +89,11 @@ class SyncBatchNorm(_BatchNormForward, _BatchNormBase):
     def _reducer(self) -> ProcessGroupReducer:
         return ProcessGroupReducer(self.process_group, self.layer_name, self.timeout)
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        raise RuntimeError("torch.jit.script: SyncBatchNorm has no TorchScript form (nor has "
+                           "torch.nn.SyncBatchNorm); script a model with BatchNorm layers, or "
+                           "use torch.jit.trace, torch.export or torch.compile")
+
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         """Before the first synchronized step with these channels and dtype, check that
         every process agrees on them (one small collective, not one per step)."""
