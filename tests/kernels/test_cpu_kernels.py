@@ -41,6 +41,12 @@ CASES = [
     ((6, 9, 17), 6), ((6, 9, 17), 1), ((6, 9, 17), 4),
     ((4, 3, 100), 2), ((4, 3, 100), 3), ((3, 2, 2500), 3),
 ]
+# few (chunk, channel) items of many values: the rows of a group are split into blocks
+LONG_GROUPS = ((6, 2, 100_000), 6)
+# at least 4M values (past the caches) with 4 or more rows per group: summed in memory
+# order over blocks of rows (4 blocks; chunks of 9 rows: 2 uneven blocks each, and a last
+# chunk of 2 rows: one per block)
+STREAMED = [((16, 8, 33_000), 16), ((20, 8, 27_000), 9)]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -231,8 +237,8 @@ def test_channel_backward_input_matches_reference_and_float64(shape, chunk, dtyp
         close(dr, expected_dr, OUTPUT_RTOL[dtype])
 
 
-def test_long_groups_summed_in_row_blocks_match_float64():
-    (shape, chunk) = LONG_GROUPS
+@pytest.mark.parametrize(("shape", "chunk"), [LONG_GROUPS, *STREAMED])
+def test_long_groups_summed_in_row_blocks_match_float64(shape, chunk):
     x = sample(shape, torch.float32, offset=3.0)
     dy = sample(shape, torch.float32, offset=0.0)
     mean, var = cpu.channel_stats(x, chunk)
@@ -252,7 +258,7 @@ def test_long_groups_summed_in_row_blocks_match_float64():
 
 @pytest.mark.parametrize(("shape", "chunk"), [((500, 7, 1), 500), ((500, 7, 1), 64),
                                               ((40, 5, 4), 40), ((8, 3, 300), 8),
-                                              ((8, 3, 300), 1)])
+                                              ((8, 3, 300), 1), *STREAMED])
 def test_channel_stats_stay_exact_under_a_mean_offset_of_1e4(shape, chunk):
     x = (torch.randn(shape, dtype=torch.float64) + 1e4).float()
     mean, var = cpu.channel_stats(x, chunk)
@@ -267,7 +273,7 @@ def test_channel_stats_stay_exact_under_a_mean_offset_of_1e4(shape, chunk):
 
 
 @pytest.mark.parametrize(("shape", "chunk"), [((70, 6, 1), 70), ((70, 6, 1), 9),
-                                              ((5, 4, 33), 5), ((5, 4, 33), 2)])
+                                              ((5, 4, 33), 5), ((5, 4, 33), 2), *STREAMED])
 def test_constant_channels_have_zero_variance_and_their_exact_mean(shape, chunk):
     x = torch.full(shape, 3.7)
     mean, var = cpu.channel_stats(x, chunk)
@@ -277,7 +283,7 @@ def test_constant_channels_have_zero_variance_and_their_exact_mean(shape, chunk)
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
 @pytest.mark.parametrize(("shape", "chunk"), [((70, 6, 1), 30), ((600, 6, 1), 300),
-                                              ((6, 4, 33), 2)])
+                                              ((6, 4, 33), 2), STREAMED[1]])
 def test_nan_and_inf_reach_the_statistics_of_their_group_only(shape, chunk, value):
     x = sample(shape, torch.float32)
     x[chunk + 1, 2, shape[2] - 1] = value  # group 1, channel 2
@@ -288,7 +294,8 @@ def test_nan_and_inf_reach_the_statistics_of_their_group_only(shape, chunk, valu
     assert mean[~bad].isfinite().all() and var[~bad].isfinite().all()
 
 
-@pytest.mark.parametrize(("shape", "chunk"), [((70, 6, 1), 30), ((6, 4, 33), 2)])
+@pytest.mark.parametrize(("shape", "chunk"), [((70, 6, 1), 30), ((6, 4, 33), 2),
+                                              STREAMED[1]])
 def test_nan_gradient_reaches_the_sums_of_its_group_only(shape, chunk):
     x = sample(shape, torch.float32)
     dy = sample(shape, torch.float32, offset=0.0)
@@ -301,13 +308,11 @@ def test_nan_gradient_reaches_the_sums_of_its_group_only(shape, chunk):
         assert total.isfinite().all()
 
 
-# few (chunk, channel) items of many values: the rows of a group are split into blocks
-LONG_GROUPS = ((6, 2, 100_000), 6)
 # few rows of many columns: split into column parts whose number follows the thread count
 WIDE_ROWS = ((100, 300, 1), 100)
 DETERMINISM_CASES = [((3000, 24, 1), 3000), ((3000, 24, 1), 700), ((2000, 10, 3), 2000),
                      ((16, 12, 300), 16), ((16, 12, 300), 3), LONG_GROUPS, WIDE_ROWS,
-                     ((100, 300, 1), 30)]
+                     ((100, 300, 1), 30), *STREAMED]
 
 
 def under_threads(threads: int, function, *args):

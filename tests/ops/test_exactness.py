@@ -66,6 +66,11 @@ CASES = {
     "group_norm channels_last": (lambda: nn.GroupNorm(2, 4, eps=EPS), (3, 4, 6, 5), True),
     "layer_norm": (lambda: nn.LayerNorm((4, 7), eps=EPS), (3, 5, 4, 7), False),
 }
+if kernels.forced_backend() != "triton":  # minutes under Triton's interpreter
+    # past the compiled kernels' streaming threshold (4M values with 4+ rows): statistics
+    # and gradient sums in memory order, two row blocks of 4 samples merged
+    CASES["batch_norm NCHW streamed"] = (lambda: nn.BatchNorm2d(4, eps=EPS), (8, 4, 364, 364),
+                                         False)
 
 
 def test_the_forced_backend_runs():

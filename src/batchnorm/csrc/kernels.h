@@ -290,6 +290,11 @@ constexpr int64_t kMaxBlocks = 64;
 // Values per row block of a long-segment reduction, when its (group, channel) items are few.
 constexpr int64_t kSegmentBlockValues = 1 << 18;
 
+// A long-segment reduction over at least kStreamValues values (16 MB of float32, past the
+// caches) runs in memory order, over blocks of kStreamBlockRows rows.
+constexpr int64_t kStreamValues = int64_t(1) << 22;
+constexpr int64_t kStreamBlockRows = 4;
+
 inline int64_t row_blocks(int64_t rows) {
   return std::clamp<int64_t>(rows / kBlockRows, 1, kMaxBlocks);
 }
