@@ -15,17 +15,27 @@
 namespace batchnorm_cpu {
 namespace {
 
-// Adds columns [begin, end) of one row of the terms into the float column accumulators.
-// Rows are visited one at a time, in memory order: one sequential stream, which the hardware
-// prefetches better than several rows interleaved (1.5x the bandwidth at C = 128). Captures
-// by value (see over_run).
-template <typename acc_t, typename Terms>
-inline void add_row(const Terms terms, int64_t group, int64_t row, int64_t begin, int64_t end,
-                    acc_t* first, acc_t* second) {
+// Adds columns [begin, end) of `Rows` consecutive rows of the terms into the float column
+// accumulators, the rows' terms summed pairwise first: one load and store of each
+// accumulator per Rows rows (a row at a time, those loads and stores bound the loop while
+// the data is in cache). The statistics group rows so (a 3200x784 float32 view: 210-350 ->
+// 125-165 us on two threads); the backward reduction, with two tensors and the activation's
+// terms, does not (four rows at a time took up to 2x the time, also on narrow rows past the
+// caches). Captures by value (see over_run).
+template <int Rows, typename acc_t, typename Terms>
+inline void add_rows(const Terms terms, int64_t group, int64_t row, int64_t begin, int64_t end,
+                     acc_t* first, acc_t* second) {
   using Vec = Vectorized<acc_t>;
   over_run<Vec::size()>(end - begin, [=](int64_t i, int64_t count) {
     const int64_t j = begin + i;
     auto [a, b] = terms(group, row, j, count);
+    if constexpr (Rows == 4) {
+      auto [a1, b1] = terms(group, row + 1, j, count);
+      auto [a2, b2] = terms(group, row + 2, j, count);
+      auto [a3, b3] = terms(group, row + 3, j, count);
+      a = (a + a1) + (a2 + a3);
+      b = (b + b1) + (b2 + b3);
+    }
     (Vec::loadu(first + j) + a).store(first + j);
     (Vec::loadu(second + j) + b).store(second + j);
   });
@@ -57,10 +67,11 @@ int64_t column_parts(int64_t row_tasks, int64_t task_rows, int64_t padded) {
 // receives the double sums of the group's W columns (arrays padded to the vector width, its
 // own to overwrite).
 // Each group's rows are split into row_blocks() blocks; a block sums in float over at most
-// kFlushRows rows at a time, then in double; blocks are merged in block order. A task sums
-// one block over one column part.
+// kFlushRows rows at a time (four rows at a time when `grouped`), then in double; blocks
+// are merged in block order. A task sums one block over one column part.
 template <typename acc_t, typename Terms, typename Finish>
-void column_sums(const ChannelShape& s, const Terms terms, const Finish& finish) {
+void column_sums(const ChannelShape& s, const Terms terms, const Finish& finish,
+                 bool grouped) {
   constexpr int64_t width = Vectorized<acc_t>::size();
   const int64_t columns = s.width();
   const int64_t padded = round_up(columns, width);
@@ -100,8 +111,16 @@ void column_sums(const ChannelShape& s, const Terms terms, const Finish& finish)
         flushed = true;
       };
       int64_t since_flush = 0;
-      for (int64_t row = group_begin + block * group_rows / blocks; row < row_end; ++row) {
-        add_row(terms, group, row, column_begin, column_end, first, second);
+      int64_t row = group_begin + block * group_rows / blocks;
+      for (; grouped && row + 4 <= row_end; row += 4) {  // kFlushRows is a multiple of 4
+        add_rows<4>(terms, group, row, column_begin, column_end, first, second);
+        if ((since_flush += 4) == kFlushRows) {
+          flush();
+          since_flush = 0;
+        }
+      }
+      for (; row < row_end; ++row) {
+        add_rows<1>(terms, group, row, column_begin, column_end, first, second);
         if (++since_flush == kFlushRows) {
           flush();
           since_flush = 0;
@@ -292,7 +311,8 @@ void stats_kernel(const at::Tensor& x, const ChannelShape& s, at::Tensor& mean,
           fold_columns(sum_sq, C, Q);
           write_stats(sum, sum_sq, pivot_of_channel + group * C, C, inverse_count(group),
                       mean_data + group * C, var_data + group * C);
-        });
+        },
+        /*grouped=*/true);
     return;
   }
 
@@ -360,7 +380,8 @@ void backward_reduce_kernel(const at::Tensor& dy, const at::Tensor& x, const at:
             out_g[c] = static_cast<acc_t>(first[c]);
             out_g_xc[c] = static_cast<acc_t>(second[c]);
           }
-        });
+        },
+        /*grouped=*/false);
     return;
   }
 
