@@ -41,6 +41,8 @@ CASES = [
     ((6, 9, 17), 6), ((6, 9, 17), 1), ((6, 9, 17), 4),
     ((4, 3, 100), 2), ((4, 3, 100), 3), ((3, 2, 2500), 3),
 ]
+# columns past 2**18 values: the statistics add one row at a time (below, four)
+UNGROUPED = [((2100, 130, 1), 2100), ((2100, 130, 1), 300)]
 # few (chunk, channel) items of many values: the rows of a group are split into blocks
 LONG_GROUPS = ((6, 2, 100_000), 6)
 # at least 4M values (past the caches) with 4 or more rows per group: summed in memory
@@ -137,7 +139,7 @@ RESIDUAL = pytest.mark.parametrize("residual", [False, True], ids=["plain", "res
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("shape", "chunk"), CASES)
+@pytest.mark.parametrize(("shape", "chunk"), [*CASES, *UNGROUPED])
 def test_channel_stats_match_reference_and_float64(shape, chunk, dtype):
     x = sample(shape, dtype)
     mean, var = cpu.channel_stats(x, chunk)
@@ -258,7 +260,7 @@ def test_long_groups_summed_in_row_blocks_match_float64(shape, chunk):
 
 @pytest.mark.parametrize(("shape", "chunk"), [((500, 7, 1), 500), ((500, 7, 1), 64),
                                               ((40, 5, 4), 40), ((8, 3, 300), 8),
-                                              ((8, 3, 300), 1), *STREAMED])
+                                              ((8, 3, 300), 1), *UNGROUPED, *STREAMED])
 def test_channel_stats_stay_exact_under_a_mean_offset_of_1e4(shape, chunk):
     x = (torch.randn(shape, dtype=torch.float64) + 1e4).float()
     mean, var = cpu.channel_stats(x, chunk)

@@ -18,10 +18,12 @@ namespace {
 // Adds columns [begin, end) of `Rows` consecutive rows of the terms into the float column
 // accumulators, the rows' terms summed pairwise first: one load and store of each
 // accumulator per Rows rows (a row at a time, those loads and stores bound the loop while
-// the data is in cache). The statistics group rows so (a 3200x784 float32 view: 210-350 ->
-// 125-165 us on two threads); the backward reduction, with two tensors and the activation's
-// terms, does not (four rows at a time took up to 2x the time, also on narrow rows past the
-// caches). Captures by value (see over_run).
+// the data is in cache). The statistics of views up to kGroupedValues group rows so; past
+// that, four rows read side by side are four streams, which the prefetcher serves worse than
+// one (views not in cache, two threads: 256x1024 float32 83 -> 57 us grouped, but 800x784
+// 91 -> 123-138 us and 25088x128 350-440 -> 870-930 us). The backward reduction, with two
+// tensors and the activation's terms, never does (grouped, it took up to 2x the time).
+// Captures by value (see over_run).
 template <int Rows, typename acc_t, typename Terms>
 inline void add_rows(const Terms terms, int64_t group, int64_t row, int64_t begin, int64_t end,
                      acc_t* first, acc_t* second) {
@@ -46,6 +48,7 @@ inline void add_rows(const Terms terms, int64_t group, int64_t row, int64_t begi
 // BatchNorm1d). Each part sums a vector-aligned column range; columns sum independently, so
 // the sums do not depend on the split. Parts keep at least kPartValues values each; a
 // reduction too small to run in parallel keeps whole rows.
+constexpr int64_t kGroupedValues = int64_t(1) << 18;  // 1 MiB of float32: one core's L2
 constexpr int64_t kTasksPerThread = 4;
 constexpr int64_t kPartValues = 4096;
 
@@ -312,7 +315,7 @@ void stats_kernel(const at::Tensor& x, const ChannelShape& s, at::Tensor& mean,
           write_stats(sum, sum_sq, pivot_of_channel + group * C, C, inverse_count(group),
                       mean_data + group * C, var_data + group * C);
         },
-        /*grouped=*/true);
+        /*grouped=*/s.rows * s.width() <= kGroupedValues);
     return;
   }
 
