@@ -57,8 +57,10 @@ def _shape(shape: list[int]) -> str:
 def _header(report: dict) -> list[str]:
     info, settings = report["machine"], report["settings"]
     load = info["load_average"]
-    busy = (" (above the core count: other work ran alongside)"
-            if max(load["before"], load["after"]) > info["cores"] else "")
+    # Only the load before the run tells of other work: the one after counts the bench's own
+    # threads of the last minute (the per-row CPU wait is what detects contention).
+    busy = (" (above the core count before the run: other work was running)"
+            if load["before"] > info["cores"] else "")
     compiled = (f"torch.compile (backend {settings['compile_backend']}) compiles in-process "
                 f"and is warmed up before timing, within {settings['compile_budget_s']:.0f} "
                 "s per section" if settings["compile_backend"] else "torch.compile off")
