@@ -165,6 +165,21 @@ def test_reverted_model_keeps_its_activation_through_torch_conv_bn_fusion():
     torch.testing.assert_close(fused(x), expected, rtol=1e-10, atol=1e-10)
 
 
+def test_reverted_model_fuses_in_torch_ao_eager_quantization():
+    """torch.ao's fuse_modules looks its fuser methods up by exact type, so it refuses our
+    subclasses; the reverted model fuses conv, BN and ReLU as torch.nn's does."""
+    from torch.ao.quantization import fuse_modules
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), batchnorm.BatchNorm2d(4), nn.ReLU()).double()
+    model = _with_statistics(model, (8, 3, 6, 6)).eval()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    with pytest.raises(AssertionError, match="did not find fuser method"):
+        fuse_modules(model, [["0", "1", "2"]])
+    fused = fuse_modules(batchnorm.revert(model), [["0", "1", "2"]])
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    torch.testing.assert_close(fused(x), model(x), rtol=1e-10, atol=1e-10)
+
+
 # -- fuse_activations ------------------------------------------------------------------------
 def _fusable_model() -> nn.Module:
     """BatchNorm -> activation pairs of each fusable kind (one nested), a BatchNorm followed
