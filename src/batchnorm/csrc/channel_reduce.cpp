@@ -24,6 +24,7 @@ namespace {
 // 91 -> 123-138 us and 25088x128 350-440 -> 870-930 us). The backward reduction, with two
 // tensors and the activation's terms, never does (grouped, it took up to 2x the time).
 // Captures by value (see over_run).
+constexpr int64_t kGroupedValues = int64_t(1) << 18;  // 1 MiB of float32: one core's L2
 template <int Rows, typename acc_t, typename Terms>
 inline void add_rows(const Terms terms, int64_t group, int64_t row, int64_t begin, int64_t end,
                      acc_t* first, acc_t* second) {
@@ -48,7 +49,6 @@ inline void add_rows(const Terms terms, int64_t group, int64_t row, int64_t begi
 // BatchNorm1d). Each part sums a vector-aligned column range; columns sum independently, so
 // the sums do not depend on the split. Parts keep at least kPartValues values each; a
 // reduction too small to run in parallel keeps whole rows.
-constexpr int64_t kGroupedValues = int64_t(1) << 18;  // 1 MiB of float32: one core's L2
 constexpr int64_t kTasksPerThread = 4;
 constexpr int64_t kPartValues = 4096;
 
