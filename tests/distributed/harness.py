@@ -20,6 +20,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+# Before any process group exists, as in batchnorm.examples.ddp_mnist: imported after
+# one, it binds the group into argument defaults and keeps it into interpreter teardown.
+import torch.distributed.nn.functional
 import torch.multiprocessing as mp
 
 COLLECTIVES = ("all_gather", "all_gather_into_tensor", "all_gather_single", "all_reduce",

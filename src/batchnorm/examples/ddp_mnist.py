@@ -24,6 +24,13 @@ import time
 
 import torch
 import torch.distributed as dist
+
+# Imported before init_process_group on purpose: torch.distributed.nn.functional, which
+# DistributedDataParallel imports, binds the default process group into its argument
+# defaults when first imported after the group exists. That keeps the group and its gloo
+# workers alive into interpreter teardown, where a worker that still needs the GIL aborts
+# the process ("terminate called without an active exception").
+import torch.distributed.nn.functional
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
@@ -112,6 +119,50 @@ def _load_data(data_dir: str | None, rank: int) -> Split | None:
     return split
 
 
+def _train(args: argparse.Namespace, split: Split, rank: int, world: int,
+           device: torch.device) -> None:
+    """Train and report each epoch. The model lives only here: DistributedDataParallel's
+    reducer holds the process group, and were it the last holder, freeing it would destroy
+    the group while holding the GIL, which a gloo worker still releasing the last
+    collective's tensors waits for (a hang). Released first, the group is destroyed by
+    ``destroy_process_group``, which lets go of the GIL."""
+    train_x, train_y = split.train_x[:args.train_images], split.train_y[:args.train_images]
+    torch.manual_seed(0)
+    model = convert_sync_batchnorm(build_model(train_x.shape[-1])).to(device)
+    if world > 1:
+        # No buffer broadcast from rank 0: SyncBatchNorm keeps the running statistics
+        # equal on every process by itself, which the printed spread shows.
+        model = DistributedDataParallel(model, broadcast_buffers=False)
+    dataset = TensorDataset(train_x, train_y)
+    sampler = DistributedSampler(dataset, world, rank, seed=0) if world > 1 else None
+    loader = DataLoader(dataset, args.batch_size, shuffle=sampler is None, sampler=sampler)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    if rank == 0:
+        print(f"{split.name}: {len(train_x)} train / {len(split.val_y)} validation images,"
+              f" {world} process(es), backend {args.backend if world > 1 else 'none'}, "
+              f"batch {args.batch_size} per process", flush=True)
+    for epoch in range(1, args.epochs + 1):
+        start = time.perf_counter()
+        model.train()
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        loss_sum, seen = 0.0, 0
+        for images, labels in loader:
+            images, labels = images.to(device), labels.to(device)
+            loss = nn.functional.cross_entropy(model(images), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            loss_sum, seen = loss_sum + loss.item() * len(labels), seen + len(labels)
+        loss_sum, seen = _sum_over_processes(loss_sum, seen, device=device)
+        accuracy = _accuracy(model, split.val_x, split.val_y, rank, world, device)
+        spread = _running_stats_spread(model, device)
+        if rank == 0:
+            print(f"epoch {epoch}: train loss {loss_sum / seen:.4f}  validation accuracy "
+                  f"{accuracy:.2%}  BN running-stat spread across processes {spread:.1e}  "
+                  f"({time.perf_counter() - start:.1f} s)", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -130,41 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device("cpu")
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     try:
-        train_x, train_y = split.train_x[:args.train_images], split.train_y[:args.train_images]
-        torch.manual_seed(0)
-        model = convert_sync_batchnorm(build_model(train_x.shape[-1])).to(device)
-        if world > 1:
-            # No buffer broadcast from rank 0: SyncBatchNorm keeps the running statistics
-            # equal on every process by itself, which the printed spread shows.
-            model = DistributedDataParallel(model, broadcast_buffers=False)
-        dataset = TensorDataset(train_x, train_y)
-        sampler = DistributedSampler(dataset, world, rank, seed=0) if world > 1 else None
-        loader = DataLoader(dataset, args.batch_size, shuffle=sampler is None, sampler=sampler)
-        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
-        if rank == 0:
-            print(f"{split.name}: {len(train_x)} train / {len(split.val_y)} validation images,"
-                  f" {world} process(es), backend {args.backend if world > 1 else 'none'}, "
-                  f"batch {args.batch_size} per process", flush=True)
-        for epoch in range(1, args.epochs + 1):
-            start = time.perf_counter()
-            model.train()
-            if sampler is not None:
-                sampler.set_epoch(epoch)
-            loss_sum, seen = 0.0, 0
-            for images, labels in loader:
-                images, labels = images.to(device), labels.to(device)
-                loss = nn.functional.cross_entropy(model(images), labels)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                loss_sum, seen = loss_sum + loss.item() * len(labels), seen + len(labels)
-            loss_sum, seen = _sum_over_processes(loss_sum, seen, device=device)
-            accuracy = _accuracy(model, split.val_x, split.val_y, rank, world, device)
-            spread = _running_stats_spread(model, device)
-            if rank == 0:
-                print(f"epoch {epoch}: train loss {loss_sum / seen:.4f}  validation accuracy "
-                      f"{accuracy:.2%}  BN running-stat spread across processes {spread:.1e}  "
-                      f"({time.perf_counter() - start:.1f} s)", flush=True)
+        _train(args, split, rank, world, device)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
