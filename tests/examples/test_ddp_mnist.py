@@ -14,14 +14,6 @@ import pytest
 from batchnorm.examples.ddp_mnist import main, parse_args
 
 
-def _without_mnist(home: Path) -> dict[str, str]:
-    """The environment with an empty home, which has no MNIST; torch's caches (compiled
-    extensions) stay where they are."""
-    environment = {key: value for key, value in os.environ.items() if key != "BATCHNORM_DATA"}
-    caches = os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache"))
-    return {**environment, "HOME": str(home), "XDG_CACHE_HOME": caches}
-
-
 @pytest.mark.mnist
 def test_torchrun_two_processes_learns_and_keeps_running_stats_in_sync(
         mnist_data_dir: Path) -> None:
@@ -39,16 +31,16 @@ def test_torchrun_two_processes_learns_and_keeps_running_stats_in_sync(
     assert "2 process(es), backend gloo" in result.stdout
 
 
-def test_readme_command_without_mnist_trains_on_the_digits_and_says_so(tmp_path: Path) -> None:
+def test_readme_command_without_mnist_trains_on_the_digits_and_says_so(empty_home: Path) -> None:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc_per_node=2", "-m", "batchnorm.examples.ddp_mnist", "--epochs", "1",
                "--timeout", "60"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=240,
-                            env=_without_mnist(tmp_path))
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
-    assert result.stdout.startswith(f"note: no MNIST under {tmp_path / '.cache/batchnorm/mnist'}, "
-                                    "so the bundled 8x8 digits are used instead")
+    mnist = empty_home / ".cache/batchnorm/mnist"
+    assert result.stdout.startswith(f"note: no MNIST under {mnist}, so the bundled 8x8 digits "
+                                    "are used instead")
     assert "digits: 1437 train / 360 validation images, 2 process(es)" in result.stdout
     assert "epoch 1: train loss" in result.stdout
 
@@ -83,7 +75,7 @@ sys.exit(code)
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads Linux's /proc")
 def test_the_process_group_is_destroyed_after_the_model_and_before_teardown(
-        tmp_path: Path) -> None:
+        tmp_path: Path, empty_home: Path) -> None:
     """Either order mistake fails now and then, after training succeeded: a group kept into
     interpreter teardown aborts the process ("terminate called without an active
     exception"), one destroyed by freeing the DDP model can hang."""
@@ -92,8 +84,7 @@ def test_the_process_group_is_destroyed_after_the_model_and_before_teardown(
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc_per_node=2", str(script), "--epochs", "1", "--train-images", "128",
                "--timeout", "60"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=240,
-                            env=_without_mnist(tmp_path))
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     for rank in (0, 1):
         at_destroy = re.search(rf"rank {rank} at destroy: (\d+) DDP models, (.*)",
